@@ -1,0 +1,156 @@
+// CPU kernels of the scoring ops: cls_attention, attention_received, fopru_significance.
+//
+// None of them materialises the [B, H, T, T] attention map. cls_attention computes one query
+// row per head. The column/row means work on blocks of query rows: logits of a block
+// (one GEMM, cache-resident), softmax per row (each row sees all T keys), then the block's
+// contribution is added to per-(image, head) column and row sums. Heads are reduced in a fixed
+// order afterwards, so results do not depend on the thread count.
+// float64 inputs accumulate in float64; everything else in float32. Output is float32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../checks.h"
+
+namespace vtk {
+namespace {
+
+constexpr int64_t kRowBlock = 64;
+
+double resolve_scale(c10::optional<double> scale, int64_t head_dim) {
+  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+}
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+template <typename acc_t>
+void softmax_row(acc_t* row, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
+  acc_t s = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = std::exp(row[j] - m);
+    s += row[j];
+  }
+  const acc_t inv = acc_t(1) / s;
+  for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+}
+
+at::Tensor cls_attention_cpu(const at::Tensor& q, const at::Tensor& k, int64_t num_heads,
+                             c10::optional<double> scale) {
+  const int64_t N = check_qk(q, k, num_heads, scale, /*has_cls=*/true);
+  const int64_t B = q.size(0), T = q.size(1), C = q.size(2), dh = C / num_heads;
+  const double sc = resolve_scale(scale, dh);
+  auto out = at::empty({B, N}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cls_attention_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const int64_t qsb = q.stride(0), qsc = q.stride(2);
+    const int64_t ksb = k.stride(0), kst = k.stride(1), ksc = k.stride(2);
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> logits(T), acc(N), q0(C);
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t c = 0; c < C; ++c) q0[c] = static_cast<acc_t>(qp[b * qsb + c * qsc]);
+        for (int64_t h = 0; h < num_heads; ++h) {
+          const acc_t* qh = q0.data() + h * dh;
+          for (int64_t t = 0; t < T; ++t) {
+            const scalar_t* kr = kp + b * ksb + t * kst + h * dh * ksc;
+            acc_t d = 0;
+            for (int64_t c = 0; c < dh; ++c) d += qh[c] * static_cast<acc_t>(kr[c * ksc]);
+            logits[t] = d * static_cast<acc_t>(sc);
+          }
+          softmax_row(logits.data(), T);
+          for (int64_t j = 0; j < N; ++j) acc[j] += logits[j + 1];
+        }
+        for (int64_t j = 0; j < N; ++j) op[b * N + j] = static_cast<float>(acc[j] / num_heads);
+      }
+    });
+  });
+  return out;
+}
+
+// Column sums (over patch query rows) and row sums (over patch key columns) of the softmaxed
+// attention, per image and head: colsum/rowsum are [B, H, N] in the accumulation dtype.
+void patch_sums(const at::Tensor& q, const at::Tensor& k, int64_t num_heads, double sc, bool has_cls,
+                at::Tensor& colsum, at::Tensor& rowsum) {
+  const int64_t B = q.size(0), T = q.size(1), C = q.size(2), dh = C / num_heads;
+  const int64_t off = has_cls ? 1 : 0, N = T - off;
+  const auto acc = acc_type_of(q.scalar_type());
+  colsum = at::zeros({B, num_heads, N}, q.options().dtype(acc));
+  rowsum = at::zeros({B, num_heads, N}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "patch_sums_cpu", [&] {
+    using acc_t = scalar_t;
+    acc_t* colp = colsum.data_ptr<acc_t>();
+    acc_t* rowp = rowsum.data_ptr<acc_t>();
+    at::parallel_for(0, B * num_heads, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / num_heads, h = i % num_heads;
+        // Head slices of one image: strided views, converted once to the accumulation dtype.
+        at::Tensor qh = q[b].narrow(1, h * dh, dh).to(acc).mul(sc);  // mul, not mul_: .to may alias q
+        at::Tensor kt = k[b].narrow(1, h * dh, dh).to(acc).t();
+        acc_t* col = colp + i * N;
+        acc_t* rowo = rowp + i * N;
+        for (int64_t r0 = 0; r0 < T; r0 += kRowBlock) {
+          const int64_t nr = std::min(kRowBlock, T - r0);
+          at::Tensor s = at::mm(qh.narrow(0, r0, nr), kt).contiguous();  // [nr, T]
+          acc_t* sp = s.data_ptr<acc_t>();
+          for (int64_t r = 0; r < nr; ++r) {
+            acc_t* row = sp + r * T;
+            softmax_row(row, T);
+            const int64_t t = r0 + r;
+            if (t < off) continue;  // the CLS query row is not a patch row
+            acc_t rs = 0;
+            for (int64_t j = off; j < T; ++j) {
+              col[j - off] += row[j];
+              rs += row[j];
+            }
+            rowo[t - off] = rs;
+          }
+        }
+      }
+    });
+  });
+}
+
+// Mean over heads and over the N patch rows/columns: [B, H, N] sums -> [B, N] means.
+at::Tensor head_mean(const at::Tensor& sums, int64_t N) {
+  // Heads are added in order (not a parallel reduction), so the result is thread-count free.
+  at::Tensor total = sums.select(1, 0).clone();
+  for (int64_t h = 1; h < sums.size(1); ++h) total.add_(sums.select(1, h));
+  return total.div_(static_cast<double>(sums.size(1))).div_(static_cast<double>(N));
+}
+
+at::Tensor attention_received_cpu(const at::Tensor& q, const at::Tensor& k, int64_t num_heads,
+                                  c10::optional<double> scale, bool has_cls) {
+  const int64_t N = check_qk(q, k, num_heads, scale, has_cls);
+  at::Tensor colsum, rowsum;
+  patch_sums(q, k, num_heads, resolve_scale(scale, q.size(2) / num_heads), has_cls, colsum, rowsum);
+  return head_mean(colsum, N).to(at::kFloat);
+}
+
+at::Tensor fopru_significance_cpu(const at::Tensor& q, const at::Tensor& k, int64_t num_heads,
+                                  c10::optional<double> scale, bool has_cls) {
+  const int64_t N = check_qk(q, k, num_heads, scale, has_cls);
+  at::Tensor colsum, rowsum;
+  patch_sums(q, k, num_heads, resolve_scale(scale, q.size(2) / num_heads), has_cls, colsum, rowsum);
+  at::Tensor col = head_mean(colsum, N), row = head_mean(rowsum, N);
+  // Population variance; the column means win ties (ALGORITHMS.md: col if Var(col) >= Var(row)).
+  at::Tensor use_col = col.var(1, /*unbiased=*/false).ge(row.var(1, /*unbiased=*/false));
+  return at::where(use_col.unsqueeze(1), col, row).to(at::kFloat);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vtk, CPU, m) {
+  m.impl("cls_attention", &cls_attention_cpu);
+  m.impl("attention_received", &attention_received_cpu);
+  m.impl("fopru_significance", &fopru_significance_cpu);
+}
+
+}  // namespace vtk

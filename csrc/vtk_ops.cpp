@@ -1,0 +1,23 @@
+// The vtk op schemas, written once. Each backend registers kernels for its dispatch key
+// (cpu/*.cpp, cuda/*_glue.cpp); Python adds fake kernels and the Triton CUDA kernels
+// (vtkernels/ops.py). Keep in sync with vtkernels/_schemas.py (a test compares them).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Lets `import vtkernels._C` load this library without pybind; the ops register themselves
+// with the dispatcher when the shared object is loaded.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(vtk, m) {
+  m.def("cls_attention(Tensor q, Tensor k, int num_heads, float? scale=None) -> Tensor");
+  m.def("attention_received(Tensor q, Tensor k, int num_heads, float? scale=None, bool has_cls=True) -> Tensor");
+  m.def("fopru_significance(Tensor q, Tensor k, int num_heads, float? scale=None, bool has_cls=True) -> Tensor");
+  m.def("topk_indices(Tensor scores, int k) -> Tensor");
+  m.def("gather_tokens(Tensor x, Tensor indices) -> Tensor");
+  m.def("fopru_select(Tensor x, Tensor scores, int keep, str strategy=\"rank\", int grid_width=0) -> (Tensor, Tensor)");
+}

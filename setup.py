@@ -1,0 +1,54 @@
+"""Build of vtkernels: the C++ CPU kernels always, the CUDA kernels when possible.
+
+Knobs (environment):
+  VTK_NO_EXTENSION=1   install without compiling; ops run on the reference kernels
+  VTK_BUILD_CUDA=1/0   force / skip the CUDA build (default: when torch has CUDA and nvcc exists)
+  TORCH_CUDA_ARCH_LIST arches for nvcc (default "8.0;9.0")
+  MAX_JOBS             parallel compile jobs (torch's cpp_extension)
+Build against your installed torch: pip install --no-build-isolation .
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    v = os.environ.get(name)
+    return None if v is None else v.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _extensions():
+    if _flag("VTK_NO_EXTENSION"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+    build_cuda = _flag("VTK_BUILD_CUDA")
+    if build_cuda is None:
+        build_cuda = torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc"))
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    if build_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+        ext = CUDAExtension(
+            "vtkernels._C", sources,
+            extra_compile_args={"cxx": cxx + ["-DVTK_WITH_CUDA"],
+                                "nvcc": ["-O3", "-std=c++17", "-DVTK_WITH_CUDA", "--use_fast_math"]},
+            py_limited_api=True)
+    else:
+        ext = CppExtension("vtkernels._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)

@@ -1,0 +1,14 @@
+"""The op schemas, as csrc/vtk_ops.cpp defines them.
+
+Used when the compiled library is missing (VTK_NO_EXTENSION=1, or a build for another torch):
+the ops are then defined from Python and served by the reference kernels. A test checks that
+these strings equal what the compiled library registers.
+"""
+SCHEMAS = {
+    "cls_attention": "cls_attention(Tensor q, Tensor k, int num_heads, float? scale=None) -> Tensor",
+    "attention_received": "attention_received(Tensor q, Tensor k, int num_heads, float? scale=None, bool has_cls=True) -> Tensor",
+    "fopru_significance": "fopru_significance(Tensor q, Tensor k, int num_heads, float? scale=None, bool has_cls=True) -> Tensor",
+    "topk_indices": "topk_indices(Tensor scores, int k) -> Tensor",
+    "gather_tokens": "gather_tokens(Tensor x, Tensor indices) -> Tensor",
+    "fopru_select": 'fopru_select(Tensor x, Tensor scores, int keep, str strategy="rank", int grid_width=0) -> (Tensor, Tensor)',
+}

@@ -1,0 +1,124 @@
+"""Argument checks shared by the reference kernels, the Triton launchers and the fake kernels.
+
+The C++ kernels carry the same checks (csrc/cpu/checks.h) with the same messages, so every
+backend rejects bad input the same way: ValueError naming the argument.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _float_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _same_device(**tensors) -> None:
+    devices = {n: t.device for n, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on one device: {desc}")
+
+
+def check_qk(q, k, num_heads: int, scale, has_cls: bool = True) -> tuple[int, int, int, int]:
+    """Checks q/k for the scoring ops; returns (B, T, C, N)."""
+    _float_tensor("q", q)
+    _float_tensor("k", k)
+    _same_device(q=q, k=k)
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, T, C], got shape {tuple(q.shape)}")
+    if k.dim() != 3:
+        raise ValueError(f"k must be [B, T, C], got shape {tuple(k.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
+    B, T, C = q.shape
+    if num_heads < 1 or C % num_heads != 0:
+        raise ValueError(f"num_heads={num_heads} must be >= 1 and divide the channel count C={C}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    N = T - 1 if has_cls else T
+    if N < 1:
+        raise ValueError(f"q/k need at least one patch token, got T={T} (has_cls={has_cls})")
+    return B, T, C, N
+
+
+def check_scores(scores, name: str = "scores") -> tuple[int, int]:
+    _float_tensor(name, scores)
+    if scores.dim() != 2:
+        raise ValueError(f"{name} must be [B, N], got shape {tuple(scores.shape)}")
+    B, N = scores.shape
+    if N < 1:
+        raise ValueError(f"{name} must have at least one token, got N={N}")
+    return B, N
+
+
+def check_count(name: str, value: int, N: int) -> None:
+    if not 1 <= value <= N:
+        raise ValueError(f"{name}={value} must be in [1, N] with N={N}")
+
+
+def check_tokens(x, B: int, N: int, name: str = "x") -> int:
+    _float_tensor(name, x)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [B, N, D], got shape {tuple(x.shape)}")
+    if x.shape[0] != B:
+        raise ValueError(f"{name} has batch {x.shape[0]}, expected {B}")
+    if x.shape[1] != N:
+        raise ValueError(f"{name} has {x.shape[1]} tokens, expected N={N}")
+    return x.shape[2]
+
+
+def check_gather(x, indices) -> None:
+    _float_tensor("x", x)
+    if not isinstance(indices, torch.Tensor):
+        raise ValueError(f"indices must be a tensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"indices must be int64 or int32, got {indices.dtype}")
+    _same_device(x=x, indices=indices)
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, N, D], got shape {tuple(x.shape)}")
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be [B, k], got shape {tuple(indices.shape)}")
+    if indices.shape[0] != x.shape[0]:
+        raise ValueError(f"indices has batch {indices.shape[0]}, x has batch {x.shape[0]}")
+
+
+def check_gather_range(indices, N: int) -> None:
+    """Data-dependent part of check_gather (syncs on CUDA); skipped by the fake kernel."""
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= N):
+        raise ValueError(f"indices must lie in [0, N) with N={N}, got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
+
+
+def grid_width_of(N: int, grid_width: int) -> int:
+    """Width of the token grid for FoPru's row strategy (0 = square grid)."""
+    if grid_width < 0:
+        raise ValueError(f"grid_width must be >= 0, got {grid_width}")
+    if grid_width == 0:
+        w = math.isqrt(N)
+        if w * w != N:
+            raise ValueError(f"grid_width=0 means a square grid, but N={N} is not a square; pass grid_width")
+        return w
+    if N % grid_width != 0:
+        raise ValueError(f"grid_width={grid_width} must divide N={N}")
+    return grid_width
+
+
+def check_fopru_select(x, scores, keep: int, strategy: str, grid_width: int) -> tuple[int, int, int]:
+    B, N = check_scores(scores)
+    D = check_tokens(x, B, N)
+    _same_device(x=x, scores=scores)
+    check_count("keep", keep, N)
+    if strategy not in ("rank", "row"):
+        raise ValueError(f"strategy must be 'rank' or 'row', got {strategy!r}")
+    if strategy == "row":
+        grid_width_of(N, grid_width)
+    elif grid_width < 0:
+        raise ValueError(f"grid_width must be >= 0, got {grid_width}")
+    return B, N, D

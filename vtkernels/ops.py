@@ -1,0 +1,139 @@
+"""The vtk ops: typed Python entry points, fake kernels, and backend registration.
+
+Every function here calls ``torch.ops.vtk.<name>``, so the dispatcher picks the kernel for the
+input's device (C++ on the CPU; CUDA C++ or Triton on the GPU; see ``_library``). The fake
+kernels give ``torch.compile`` the output shapes without running anything.
+
+Conventions (SPEC.md): batch first; scores are float32; index outputs are int64, ascending
+(raster order) and unique; token outputs keep the input's dtype. Tie rule: equal scores rank the
+lower position first; NaN ranks below every number, -0.0 equals +0.0.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _library
+from . import _validate as V
+from . import reference as ref
+
+__all__ = ["cls_attention", "attention_received", "fopru_significance", "topk_indices",
+           "gather_tokens", "fopru_select"]
+
+
+def cls_attention(q: Tensor, k: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
+    """CLS row of the attention, patch keys only, mean over heads.
+
+    q, k: [B, T, C] (``q_proj``/``k_proj`` outputs, heads concatenated; token 0 is CLS), any
+    float dtype, may be non-contiguous. Softmax over all T keys of ``scale * q_h . k_h``
+    (``scale=None``: head_dim ** -0.5). Returns float32 [B, T - 1]. Reads one query row: no
+    attention map is formed.
+    """
+    return torch.ops.vtk.cls_attention(q, k, num_heads, scale)
+
+
+def attention_received(q: Tensor, k: Tensor, num_heads: int, scale: Optional[float] = None,
+                       has_cls: bool = True) -> Tensor:
+    """Attention each patch key receives, mean over heads and over patch queries.
+
+    q, k: [B, T, C]; with ``has_cls`` token 0 is CLS and is excluded as a query and from the
+    output (N = T - 1), but the softmax is over all T keys. Returns float32 [B, N].
+    """
+    return torch.ops.vtk.attention_received(q, k, num_heads, scale, has_cls)
+
+
+def fopru_significance(q: Tensor, k: Tensor, num_heads: int, scale: Optional[float] = None,
+                       has_cls: bool = True) -> Tensor:
+    """FoPru significance: per image, the column means of the head-averaged patch attention if
+    their population variance is at least that of the row means, else the row means.
+
+    q, k: [B, T, C]. Returns float32 [B, N].
+    """
+    return torch.ops.vtk.fopru_significance(q, k, num_heads, scale, has_cls)
+
+
+def topk_indices(scores: Tensor, k: int) -> Tensor:
+    """Positions of the k highest scores per row, ascending.
+
+    scores: [B, N], any float dtype. 1 <= k <= N. Returns int64 [B, k]. Ties: lower position
+    first; NaN ranks lowest. Bit-identical on CPU, Triton and CUDA.
+    """
+    return torch.ops.vtk.topk_indices(scores, k)
+
+
+def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
+    """Rows of x [B, N, D] at indices [B, k] (int64 or int32, in [0, N)), in that order: [B, k, D]."""
+    return torch.ops.vtk.gather_tokens(x, indices)
+
+
+def fopru_select(x: Tensor, scores: Tensor, keep: int, strategy: str = "rank",
+                 grid_width: int = 0) -> Tuple[Tensor, Tensor]:
+    """FoPru selection: (kept tokens [B, keep, D], indices int64 [B, keep] ascending).
+
+    strategy "rank": the ``keep`` best tokens. "row": view scores as an H x W grid (W =
+    ``grid_width``, 0 = square), take whole rows by row sum (float64, left to right), best
+    first, then the best ``keep mod W`` tokens of the next row. Ties: lower position first.
+    """
+    return torch.ops.vtk.fopru_select(x, scores, keep, strategy, grid_width)
+
+
+# --- fake kernels (shapes only; data-independent checks run here too) ----------------------
+
+def _fake_scores(q, k, num_heads, scale=None, has_cls=True):
+    B, T, C, N = V.check_qk(q, k, num_heads, scale, has_cls)
+    return q.new_empty((B, N), dtype=torch.float32)
+
+
+def _fake_cls(q, k, num_heads, scale=None):
+    return _fake_scores(q, k, num_heads, scale, True)
+
+
+def _fake_topk(scores, k):
+    B, N = V.check_scores(scores)
+    V.check_count("k", k, N)
+    return scores.new_empty((B, k), dtype=torch.int64)
+
+
+def _fake_gather(x, indices):
+    V.check_gather(x, indices)
+    return x.new_empty((x.shape[0], indices.shape[1], x.shape[2]))
+
+
+def _fake_fopru_select(x, scores, keep, strategy="rank", grid_width=0):
+    B, N, D = V.check_fopru_select(x, scores, keep, strategy, grid_width)
+    return x.new_empty((B, keep, D)), scores.new_empty((B, keep), dtype=torch.int64)
+
+
+# --- CUDA kernels served from Python (imported lazily: importing vtkernels never imports triton)
+
+def _triton(module: str, name: str):
+    def kernel(*args):
+        mod = __import__(f"vtkernels.triton.{module}", fromlist=[name])
+        return getattr(mod, name)(*args)
+    kernel.__name__ = f"triton_{name}"
+    return kernel
+
+
+_CPU = {n: getattr(ref, n) for n in __all__}
+_CUDA = {
+    "cls_attention": (_triton("scoring", "cls_attention"), ref.cls_attention),
+    "attention_received": (_triton("scoring", "attention_received"), ref.attention_received),
+    "fopru_significance": (_triton("scoring", "fopru_significance"), ref.fopru_significance),
+    "topk_indices": (_triton("select", "topk_indices"), ref.topk_indices),
+    "gather_tokens": (_triton("select", "gather_tokens"), ref.gather_tokens),
+    "fopru_select": (_triton("select", "fopru_select"), ref.fopru_select),
+}
+_FAKES = {
+    "cls_attention": _fake_cls,
+    "attention_received": _fake_scores,
+    "fopru_significance": _fake_scores,
+    "topk_indices": _fake_topk,
+    "gather_tokens": _fake_gather,
+    "fopru_select": _fake_fopru_select,
+}
+
+_library.install(_CPU, _CUDA)
+for _name, _fake in _FAKES.items():
+    torch.library.register_fake(f"vtk::{_name}", _fake, lib=_library._libs[-1])
