@@ -5,11 +5,10 @@ batch sizes) on CUDA when present, else on the CPU, with pytest-benchmark timing
 `pytest benchmarks/` runs the same files as quick smoke tests at small sizes (what `make test`
 does): each case runs once and its result is checked against the reference.
 """
-import os
-import platform
-
 import pytest
 import torch
+
+from bench_util import environment, peak_memory
 
 
 def pytest_addoption(parser):
@@ -37,46 +36,6 @@ def device(request) -> torch.device:
     return torch.device(name)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_memory(fn, device: torch.device) -> int:
-    """Peak bytes allocated while fn runs (CUDA allocator stats, or tracemalloc-free CPU probe)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    # CPU: the profiler's memory tracking reports bytes allocated by ATen; peak = max running total.
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    running, peak = 0, 0
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
-    for e in events:
-        running += e.cpu_memory_usage
-        peak = max(peak, running)
-    return peak
-
-
-def environment() -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except Exception:
-        pass
-    return env
-
-
 @pytest.fixture
 def record(benchmark):
     """Adds environment and peak memory to the pytest-benchmark record."""
@@ -85,3 +44,13 @@ def record(benchmark):
         benchmark.extra_info.update(info)
         benchmark.extra_info["peak_bytes"] = peak_memory(fn, device)
     return _record
+
+
+def pytest_generate_tests(metafunc):
+    """`batch`: B = 1, 8, 64 on CUDA and 1, 4 on the CPU at real sizes; 2 in smoke mode."""
+    if "batch" in metafunc.fixturenames:
+        cfg = metafunc.config
+        real = cfg.getoption("--benchmark")
+        dev = cfg.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        sizes = ([1, 8, 64] if dev == "cuda" else [1, 4]) if real else [2]
+        metafunc.parametrize("batch", sizes, ids=[f"B{b}" for b in sizes])

@@ -20,4 +20,6 @@ TORCH_LIBRARY(vtk, m) {
   m.def("topk_indices(Tensor scores, int k) -> Tensor");
   m.def("gather_tokens(Tensor x, Tensor indices) -> Tensor");
   m.def("fopru_select(Tensor x, Tensor scores, int keep, str strategy=\"rank\", int grid_width=0) -> (Tensor, Tensor)");
+  m.def("vispruner_select(Tensor x, Tensor scores, int keep, float important_ratio=0.5, int dedup_step=8) -> Tensor");
+  m.def("prumerge(Tensor x, Tensor keys, Tensor scores, int knn=32, bool plus=False, bool per_sample=True) -> (Tensor, Tensor)");
 }

@@ -11,4 +11,6 @@ SCHEMAS = {
     "topk_indices": "topk_indices(Tensor scores, int k) -> Tensor",
     "gather_tokens": "gather_tokens(Tensor x, Tensor indices) -> Tensor",
     "fopru_select": 'fopru_select(Tensor x, Tensor scores, int keep, str strategy="rank", int grid_width=0) -> (Tensor, Tensor)',
+    "vispruner_select": "vispruner_select(Tensor x, Tensor scores, int keep, float important_ratio=0.5, int dedup_step=8) -> Tensor",
+    "prumerge": "prumerge(Tensor x, Tensor keys, Tensor scores, int knn=32, bool plus=False, bool per_sample=True) -> (Tensor, Tensor)",
 }

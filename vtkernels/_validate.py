@@ -122,3 +122,25 @@ def check_fopru_select(x, scores, keep: int, strategy: str, grid_width: int) -> 
     elif grid_width < 0:
         raise ValueError(f"grid_width must be >= 0, got {grid_width}")
     return B, N, D
+
+
+def check_vispruner(x, scores, keep: int, important_ratio: float, dedup_step: int) -> tuple[int, int, int]:
+    B, N = check_scores(scores)
+    C = check_tokens(x, B, N)
+    _same_device(x=x, scores=scores)
+    check_count("keep", keep, N)
+    if not 0.0 <= important_ratio <= 1.0:  # NaN fails too
+        raise ValueError(f"important_ratio must be in [0, 1], got {important_ratio}")
+    if dedup_step < 1:
+        raise ValueError(f"dedup_step must be >= 1, got {dedup_step}")
+    return B, N, C
+
+
+def check_prumerge(x, keys, scores, knn: int, plus: bool, per_sample: bool) -> tuple[int, int, int, int]:
+    B, N = check_scores(scores)
+    D = check_tokens(x, B, N)
+    Ck = check_tokens(keys, B, N, name="keys")
+    _same_device(x=x, keys=keys, scores=scores)
+    if knn < 1:
+        raise ValueError(f"knn must be >= 1, got {knn}")
+    return B, N, D, Ck

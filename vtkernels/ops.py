@@ -20,7 +20,7 @@ from . import _validate as V
 from . import reference as ref
 
 __all__ = ["cls_attention", "attention_received", "fopru_significance", "topk_indices",
-           "gather_tokens", "fopru_select"]
+           "gather_tokens", "fopru_select", "vispruner_select", "prumerge"]
 
 
 def cls_attention(q: Tensor, k: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
@@ -79,6 +79,37 @@ def fopru_select(x: Tensor, scores: Tensor, keep: int, strategy: str = "rank",
     return torch.ops.vtk.fopru_select(x, scores, keep, strategy, grid_width)
 
 
+def vispruner_select(x: Tensor, scores: Tensor, keep: int, important_ratio: float = 0.5,
+                     dedup_step: int = 8) -> Tensor:
+    """VisPruner selection: indices int64 [B, keep], ascending.
+
+    x: [B, N, C] features (any float dtype, may be non-contiguous); scores: [B, N] (CLS
+    attention). T_imp = floor(keep * important_ratio) best tokens by score (ties: lower position
+    first, NaN lowest), then keep - T_imp diverse tokens: repeated parity matching on the cosine
+    similarity of the L2-normalised features, dropping up to ``dedup_step`` best-matched even
+    entries per round (at most the even entries there are; ALGORITHMS.md). Similarities are
+    float32 (float64 for float64 x); equal match scores keep the lower list position first.
+    """
+    return torch.ops.vtk.vispruner_select(x, scores, keep, important_ratio, dedup_step)
+
+
+def prumerge(x: Tensor, keys: Tensor, scores: Tensor, knn: int = 32, plus: bool = False,
+             per_sample: bool = True) -> Tuple[Tensor, Tensor]:
+    """PruMerge / PruMerge+: (tokens [B, M, D] in x's dtype, zero-padded; lengths int64 [B]).
+
+    x: [B, N, D] features; keys: [B, N, Ck] last-layer keys of the patches; scores: [B, N] raw
+    CLS attention. Per image (``per_sample``; else pooled over the batch as published): k = the
+    number of IQR upper outliers of the scores (numpy 'linear' quartiles, at least 1); kept =
+    the k best in descending-score order (ties: lower position first), then with ``plus`` the
+    spatial samples ascending. Each kept token becomes x_i + sum of s_j x_j over its ``knn``
+    nearest other tokens by key cosine similarity (ties: lower position first); one summary
+    token (sum of s_j x_j over the pruned tokens) follows. lengths[b] = kept + 1; M = max
+    lengths (data-dependent: one device-to-host sync per call on CUDA). Sums in float32 (float64
+    for float64 x).
+    """
+    return torch.ops.vtk.prumerge(x, keys, scores, knn, plus, per_sample)
+
+
 # --- fake kernels (shapes only; data-independent checks run here too) ----------------------
 
 def _fake_scores(q, k, num_heads, scale=None, has_cls=True):
@@ -106,6 +137,17 @@ def _fake_fopru_select(x, scores, keep, strategy="rank", grid_width=0):
     return x.new_empty((B, keep, D)), scores.new_empty((B, keep), dtype=torch.int64)
 
 
+def _fake_vispruner_select(x, scores, keep, important_ratio=0.5, dedup_step=8):
+    B, N, C = V.check_vispruner(x, scores, keep, important_ratio, dedup_step)
+    return scores.new_empty((B, keep), dtype=torch.int64)
+
+
+def _fake_prumerge(x, keys, scores, knn=32, plus=False, per_sample=True):
+    B, N, D, Ck = V.check_prumerge(x, keys, scores, knn, plus, per_sample)
+    M = torch.library.get_ctx().new_dynamic_size(min=2)  # kept tokens (>= 1) + the summary token
+    return x.new_empty((B, M, D)), scores.new_empty((B,), dtype=torch.int64)
+
+
 # --- CUDA kernels served from Python (imported lazily: importing vtkernels never imports triton)
 
 def _triton(module: str, name: str):
@@ -124,6 +166,8 @@ _CUDA = {
     "topk_indices": (_triton("select", "topk_indices"), ref.topk_indices),
     "gather_tokens": (_triton("select", "gather_tokens"), ref.gather_tokens),
     "fopru_select": (_triton("select", "fopru_select"), ref.fopru_select),
+    "vispruner_select": (_triton("prune", "vispruner_select"), ref.vispruner_select),
+    "prumerge": (_triton("prune", "prumerge"), ref.prumerge),
 }
 _FAKES = {
     "cls_attention": _fake_cls,
@@ -132,6 +176,8 @@ _FAKES = {
     "topk_indices": _fake_topk,
     "gather_tokens": _fake_gather,
     "fopru_select": _fake_fopru_select,
+    "vispruner_select": _fake_vispruner_select,
+    "prumerge": _fake_prumerge,
 }
 
 _library.install(_CPU, _CUDA)

@@ -16,6 +16,8 @@ from . import _validate as V
 __all__ = [
     "acc_dtype", "rank_order", "attention_probs", "cls_attention", "attention_received",
     "fopru_significance", "topk_indices", "gather_tokens", "fopru_row_indices", "fopru_select",
+    "l2_normalize", "vispruner_counts", "vispruner_dedup", "vispruner_select", "iqr_upper_bound",
+    "prumerge_counts", "prumerge_samples", "prumerge",
 ]
 
 
@@ -116,3 +118,139 @@ def fopru_select(x, scores, keep: int, strategy: str = "rank", grid_width: int =
     else:
         idx = fopru_row_indices(scores, keep, grid_width)
     return gather_tokens(x, idx), idx
+
+
+# --- VisPruner and PruMerge (issue 3) ---------------------------------------------------------
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, 1e-12) along the last dim (F.normalize's rule: a zero row stays zero, no NaN)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def vispruner_counts(keep: int, important_ratio: float) -> tuple[int, int]:
+    """(T_imp, T_div): floor(keep * ratio) in float64, as the published int(T * r)."""
+    n_imp = int(keep * important_ratio)
+    return n_imp, keep - n_imp
+
+
+def vispruner_dedup(sim: torch.Tensor, residual: list, n_div: int, dedup_step: int = 8) -> list:
+    """VisPruner's duplicate removal on one image.
+
+    sim: [*, *] cosine similarities indexed by the entries of `residual` (the residual list, best
+    score first). Returns the final list (length n_div). NaN similarities count as -inf (cosines
+    of finite vectors are never -inf, so this is just "NaN lowest").
+
+    Reading of ALGORITHMS.md, step 4, as the published code does it: the a-entries are scored by
+    their highest similarity to any b-entry; the kept a-entries go to the front of the new list in
+    descending order of THAT match score (the published `scores.argsort(descending=True)[:, r:]`),
+    not of the attention score. Equal match scores keep the lower list position first (a stable
+    argsort of the published code).
+    """
+    sim = torch.where(torch.isnan(sim), torch.full_like(sim, -float("inf")), sim)
+    while n_div > 0:
+        R = len(residual)
+        r = min(dedup_step, R - n_div)
+        if r <= 0:
+            break
+        a, b = residual[0::2], residual[1::2]
+        match = sim[a][:, b].max(dim=1).values
+        ranked = rank_order(match[None])[0].tolist()
+        drop = min(r, len(a))  # (fix) with an odd R, a is one longer than b; never drop more than a
+        residual = [a[i] for i in ranked[drop:]] + b
+    return residual
+
+
+def vispruner_select(x, scores, keep: int, important_ratio: float = 0.5, dedup_step: int = 8) -> torch.Tensor:
+    V.check_vispruner(x, scores, keep, important_ratio, dedup_step)
+    B, N, C = x.shape
+    n_imp, n_div = vispruner_counts(keep, important_ratio)
+    order = rank_order(scores)
+    xn = l2_normalize(x.to(acc_dtype(x.dtype)))
+    out = []
+    for b in range(B):
+        important = order[b, :n_imp].tolist()
+        selected = important
+        if n_div > 0:
+            residual = order[b, n_imp:].tolist()
+            sim = xn[b] @ xn[b].T
+            selected = important + vispruner_dedup(sim, residual, n_div, dedup_step)
+        out.append(sorted(selected))
+    return torch.tensor(out, dtype=torch.int64, device=scores.device).reshape(B, keep)
+
+
+def iqr_upper_bound(s: torch.Tensor) -> torch.Tensor:
+    """Q3 + 1.5 (Q3 - Q1) of a 1-D tensor, in its dtype; NaN if s holds a NaN (as numpy).
+
+    Quartiles as numpy.percentile's default ('linear'): virtual index (n - 1) q, then numpy's lerp,
+    a + (b - a) t for t < 0.5 and b - (b - a)(1 - t) otherwise. (n - 1) q is exact for q = 1/4, 3/4.
+    """
+    if torch.isnan(s).any():
+        return s.new_tensor(float("nan"))
+    v = s.sort().values
+    n = v.numel()
+
+    def percentile(q):
+        h = (n - 1) * q
+        lo = int(h)
+        t = h - lo
+        a, b = v[lo], v[min(lo + 1, n - 1)]
+        d = b - a
+        return a + d * t if t < 0.5 else b - d * (1 - t)
+
+    q1, q3 = percentile(0.25), percentile(0.75)
+    return q3 + 1.5 * (q3 - q1)
+
+
+def prumerge_counts(scores, per_sample: bool = True) -> list:
+    """PruMerge's adaptive count per image: the IQR upper outliers, at least 1 (fix).
+
+    Quartiles in the scores' precision (float64 for float64, else float32). per_sample=False pools
+    the whole batch, as the published code: count = int(N * n_outliers / (B N)), taken here as the
+    exact integer n_outliers // B.
+    """
+    s = scores.to(acc_dtype(scores.dtype))
+    B, N = s.shape
+    if per_sample:
+        counts = [int((s[b] > iqr_upper_bound(s[b])).sum()) for b in range(B)]
+    else:
+        counts = [int((s > iqr_upper_bound(s.flatten())).sum()) // B] * B
+    return [max(1, c) for c in counts]
+
+
+def prumerge_samples(N: int, count: int, kept: list) -> list:
+    """PruMerge+ spatial samples: every stride-th position below N - 1 that is not kept, ascending."""
+    stride = max(1, (N // count) // 3)  # (fix) the max: a large count gave stride 0
+    taken = set(kept)
+    return [p for p in range(0, N - 1, stride) if p not in taken]
+
+
+def prumerge(x, keys, scores, knn: int = 32, plus: bool = False, per_sample: bool = True):
+    B, N, D, Ck = V.check_prumerge(x, keys, scores, knn, plus, per_sample)
+    dt = acc_dtype(x.dtype)
+    kn = l2_normalize(keys.to(acc_dtype(keys.dtype)))
+    order = rank_order(scores)
+    counts = prumerge_counts(scores, per_sample)
+    rows, lengths = [], []
+    for b in range(B):
+        kept = order[b, :counts[b]].tolist()  # descending score: the published order
+        if plus:
+            kept = kept + prumerge_samples(N, counts[b], kept)
+        xb = x[b].to(dt)
+        wb = scores[b].to(dt)
+        merged = []
+        for i in kept:
+            cand = torch.tensor([j for j in range(N) if j != i], dtype=torch.int64, device=x.device)
+            sim = kn[b, cand] @ kn[b, i]
+            sim = torch.where(torch.isnan(sim), torch.full_like(sim, -float("inf")), sim)
+            near = cand[rank_order(sim[None])[0, :knn]]  # fewer than knn candidates: all of them
+            merged.append(xb[i] + (wb[near, None] * xb[near]).sum(dim=0))
+        pruned = torch.ones(N, dtype=torch.bool, device=x.device)
+        pruned[kept] = False
+        summary = (wb[pruned, None] * xb[pruned]).sum(dim=0)
+        rows.append(torch.stack(merged + [summary]))
+        lengths.append(len(kept) + 1)
+    M = max(lengths)
+    out = x.new_zeros((B, M, D))
+    for b in range(B):
+        out[b, :lengths[b]] = rows[b].to(x.dtype)
+    return out, torch.tensor(lengths, dtype=torch.int64, device=x.device)

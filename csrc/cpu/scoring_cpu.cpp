@@ -18,7 +18,7 @@
 namespace vtk {
 namespace {
 
-constexpr int64_t kRowBlock = 64;
+constexpr int64_t kRowBlock = 128;
 
 double resolve_scale(c10::optional<double> scale, int64_t head_dim) {
   return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
@@ -84,37 +84,26 @@ void patch_sums(const at::Tensor& q, const at::Tensor& k, int64_t num_heads, dou
   const auto acc = acc_type_of(q.scalar_type());
   colsum = at::zeros({B, num_heads, N}, q.options().dtype(acc));
   rowsum = at::zeros({B, num_heads, N}, q.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "patch_sums_cpu", [&] {
-    using acc_t = scalar_t;
-    acc_t* colp = colsum.data_ptr<acc_t>();
-    acc_t* rowp = rowsum.data_ptr<acc_t>();
-    at::parallel_for(0, B * num_heads, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * num_heads, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / num_heads, h = i % num_heads;
         // Head slices of one image: strided views, converted once to the accumulation dtype.
         at::Tensor qh = q[b].narrow(1, h * dh, dh).to(acc).mul(sc);  // mul, not mul_: .to may alias q
         at::Tensor kt = k[b].narrow(1, h * dh, dh).to(acc).t();
-        acc_t* col = colp + i * N;
-        acc_t* rowo = rowp + i * N;
+        at::Tensor col_t = colsum[b][h], row_t = rowsum[b][h];
         for (int64_t r0 = 0; r0 < T; r0 += kRowBlock) {
           const int64_t nr = std::min(kRowBlock, T - r0);
-          at::Tensor s = at::mm(qh.narrow(0, r0, nr), kt).contiguous();  // [nr, T]
-          acc_t* sp = s.data_ptr<acc_t>();
-          for (int64_t r = 0; r < nr; ++r) {
-            acc_t* row = sp + r * T;
-            softmax_row(row, T);
-            const int64_t t = r0 + r;
-            if (t < off) continue;  // the CLS query row is not a patch row
-            acc_t rs = 0;
-            for (int64_t j = off; j < T; ++j) {
-              col[j - off] += row[j];
-              rs += row[j];
-            }
-            rowo[t - off] = rs;
-          }
+          // Logits of a block of query rows against all T keys, then softmax per row: each row
+          // sees every key, so the block's probabilities are final. ATen's vectorised softmax
+          // and reductions; the block (nr x T) stays in cache.
+          at::Tensor p = at::_softmax(at::mm(qh.narrow(0, r0, nr), kt), 1, false);
+          const int64_t first = std::max(r0, off);  // the CLS query row is not a patch row
+          if (first >= r0 + nr) continue;
+          at::Tensor patch = p.narrow(0, first - r0, r0 + nr - first).narrow(1, off, N);
+          col_t.add_(patch.sum(0));
+          row_t.narrow(0, first - off, r0 + nr - first).copy_(patch.sum(1));
         }
       }
-    });
   });
 }
 

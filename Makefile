@@ -1,0 +1,66 @@
+# vtkernels: set-up, tests, demo and benchmarks.
+#   make demo      create .venv, install, build, run `vtk demo`
+#   make test      the same set-up, then every test (no GPU needed)
+#   make test-gpu  GPU lane, on a machine with CUDA: builds in place with that machine's python3
+#   make bench     benchmarks at real sizes (GPU when present), results under benchmarks/results/
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+TF_OLD ?= 5.17.0
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-installed
+JOBS ?= 2
+
+.PHONY: all venv build test test-cpu test-hf-old check-nvcc demo test-gpu bench clean
+
+all: test
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(VPY) pyproject.toml Makefile
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==$(TORCH_VERSION)
+	$(VPY) -m pip install -q setuptools wheel ninja numpy pillow pytest pytest-benchmark expecttest "triton>=3.6" "transformers>=5.0"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Editable install, so the compiled vtkernels/_C*.so lands in the source tree.
+build: $(STAMP)
+	MAX_JOBS=$(JOBS) $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+
+check-nvcc:
+	tools/check_nvcc.sh
+
+test-cpu: build
+	TRITON_INTERPRET=1 $(VPY) -m pytest python_tests benchmarks -q -p no:cacheprovider
+
+# The Hugging Face integration against the oldest supported transformers (what the GPU machines run).
+$(VENV)/tf-old/.stamp: $(STAMP)
+	$(VPY) -m pip install -q --no-deps --target $(VENV)/tf-old transformers==$(TF_OLD)
+	touch $@
+
+test-hf-old: build $(VENV)/tf-old/.stamp
+	@if ls python_tests/test_hf*.py >/dev/null 2>&1; then \
+	  PYTHONPATH=$(VENV)/tf-old TRITON_INTERPRET=1 $(VPY) -m pytest python_tests/test_hf*.py -q -p no:cacheprovider; \
+	else echo "no Hugging Face tests"; fi
+
+test: check-nvcc test-cpu test-hf-old
+
+demo: build
+	$(VENV)/bin/vtk demo
+
+# GPU lane: the machine's own python3 (torch with CUDA, triton, transformers, pytest), no venv.
+test-gpu:
+	VTK_BUILD_CUDA=1 MAX_JOBS=8 $(PYTHON) setup.py build_ext --inplace
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest python_tests -q -p no:cacheprovider
+
+bench:
+	VTK_BUILD_CUDA=1 MAX_JOBS=8 $(PYTHON) setup.py build_ext --inplace
+	mkdir -p benchmarks/results
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest benchmarks --benchmark -q -p no:cacheprovider \
+	  --benchmark-json=benchmarks/results/bench-$$($(PYTHON) -c "import torch;print(torch.cuda.get_device_name().replace(' ','_') if torch.cuda.is_available() else 'cpu')").json
+
+clean:
+	rm -rf build dist *.egg-info vtkernels/_C*.so $(VENV)
