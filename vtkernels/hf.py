@@ -257,35 +257,39 @@ def _group_rects(rects: List[Tuple[int, int, int, int]]):
     return groups
 
 
-def _prumerge_centers(scores: Tensor, length: int, plus: bool) -> Tensor:
+def _prumerge_centres(scores: Tensor, length: int, plus: bool) -> Tensor:
     """Positions of the tokens PruMerge kept (the merge centres), for pictures of the selection.
 
-    The op returns merged tokens only; the centres follow from the count it chose (length - 1
-    tokens before the summary token): the top-k by score, and for PruMerge+ the uniform samples.
+    The op returns merged tokens only. The centres follow from its length (kept + 1 summary): the
+    best ``kept`` by score, or for PruMerge+ the best k plus the spatial samples that k implies.
     """
     n = scores.shape[0]
-    order = reference.rank_order(scores[None])[0]
+    order = reference.rank_order(scores[None])[0].tolist()
+    kept = length - 1
+    if plus:
+        for k in range(1, kept + 1):
+            extra = reference.prumerge_samples(n, k, order[:k])
+            if k + len(extra) == kept:
+                return torch.tensor(sorted(order[:k] + extra), dtype=torch.long)
+    return torch.tensor(sorted(order[:kept]), dtype=torch.long)
 
-    def samples(k):
-        best = set(order[:k].tolist())
-        stride = max(1, (n // k) // 3)
-        return best, [p for p in range(0, n - 1, stride) if p not in best]
 
-    m = length - 1
-    if not plus:
-        return order[:m].sort().values
-    for k in range(1, m + 1):
-        best, extra = samples(k)
-        if k + len(extra) == m:
-            return torch.tensor(sorted(best | set(extra)), dtype=torch.long)
-    return order[:m].sort().values
+def _positions_at(pos: Tensor, idx: Tensor) -> Tensor:
+    return pos[idx.cpu()]
+
+
+def _merge_centres_at(pos: Tensor, scores: Tensor, length: int, plus: bool) -> Tensor:
+    return pos[_prumerge_centres(scores.float().cpu(), length, plus)]
 
 
 def _select(plan: _Plan, parts: _Parts, x: Tensor, q: Tensor, k: Tensor,
             rects: List[Tuple[int, int, int, int]]):
-    """Per crop: (tokens [m, C] in the order they enter the sequence, kept positions or None).
+    """Scores every crop, then selects per group of crops that share a candidate rectangle.
 
-    rects[i] = (row0, row1, col0, col1): the part of crop i's grid that may be kept.
+    rects[i] = (row0, row1, col0, col1): the part of crop i's grid that may be kept. Returns
+    [(crops, tokens [g, M, C] in sequence order, lengths, kept-position thunks)] per group. The
+    positions are only materialised on request: the Python side of that (and the host sync) is
+    for pictures and the NeXT layout, not for every forward.
     """
     G = parts.grid
     if plan.merges:
@@ -296,39 +300,36 @@ def _select(plan: _Plan, parts: _Parts, x: Tensor, q: Tensor, k: Tensor,
     else:
         scores = ops.fopru_significance(q, k, parts.num_heads)
     keys = k[:, 1:]
-    out: List = [None] * x.shape[0]
+    plus = plan.method == "prumerge_plus"
+    groups = []
     for (r0, r1, c0, c1), crops in _group_rects(rects).items():
-        if r1 <= r0 or c1 <= c0:
-            for i in crops:
-                out[i] = (x.new_zeros((0, x.shape[2])), torch.zeros(0, dtype=torch.long))
+        g = len(crops)
+        if r1 <= r0 or c1 <= c0:  # a crop made only of padding keeps nothing
+            empty = torch.zeros(0, dtype=torch.long)
+            groups.append((crops, x.new_zeros((g, 0, x.shape[2])), [0] * g, [lambda: empty] * g))
             continue
         pos = (torch.arange(r0, r1)[:, None] * G + torch.arange(c0, c1)[None, :]).reshape(-1)
         whole = pos.numel() == G * G
-        sel = torch.tensor(crops)
+        sel = torch.tensor(crops, device=x.device)
         pos_d = pos.to(x.device)
-        xs = x[sel] if whole else x[sel][:, pos_d]
-        ss = scores[sel] if whole else scores[sel][:, pos_d]
-        n = pos.numel()
+        pick = (lambda t: t[sel]) if whole else (lambda t: t[sel][:, pos_d])
+        xs, ss = pick(x), pick(scores)
         if plan.merges:
-            ks = keys[sel] if whole else keys[sel][:, pos_d]
-            tokens, lengths = ops.prumerge(xs, ks, ss, plan.knn, plan.method == "prumerge_plus",
-                                           plan.per_sample)
-            for j, i in enumerate(crops):
-                m = int(lengths[j])
-                centres = _prumerge_centers(ss[j].float().cpu(), m, plan.method == "prumerge_plus")
-                out[i] = (tokens[j, :m], pos[centres])
+            tokens, lengths = ops.prumerge(xs, pick(keys), ss, plan.knn, plus, plan.per_sample)
+            lengths = lengths.tolist()
+            fns = [functools.partial(_merge_centres_at, pos, ss[j], m, plus) for j, m in enumerate(lengths)]
+            groups.append((crops, tokens, lengths, fns))
             continue
-        keep = min(plan.keep, n)
+        keep = min(plan.keep, pos.numel())
         if plan.method == "vispruner":
             idx = ops.vispruner_select(xs, ss, keep, plan.important_ratio, plan.dedup_step)
             tokens = ops.gather_tokens(xs, idx)
         else:
             strategy = "rank" if plan.method == "fopru_rank" else "row"
             tokens, idx = ops.fopru_select(xs, ss, keep, strategy, c1 - c0)
-        idx = idx.cpu()
-        for j, i in enumerate(crops):
-            out[i] = (tokens[j], pos[idx[j]])
-    return out
+        fns = [functools.partial(_positions_at, pos, idx[j]) for j in range(g)]
+        groups.append((crops, tokens, [keep] * g, fns))
+    return groups
 
 
 def _layouts(parts: _Parts, pixel_values: Tensor, image_sizes) -> Tuple[Tensor, List[_ImageLayout], list]:
@@ -380,7 +381,7 @@ def _layouts(parts: _Parts, pixel_values: Tensor, image_sizes) -> Tuple[Tensor, 
     return crops, layouts, rects
 
 
-def _assemble_next(parts: _Parts, lay: _ImageLayout, projected: List[Tensor], kept: List[Tensor],
+def _assemble_next(parts: _Parts, lay: _ImageLayout, projected: List[Tensor], kept: List,
                    merges: bool) -> Tensor:
     """One LLaVA-NeXT image: base crop, then the grid crops laid out with their newline tokens."""
     nl = parts.newline.to(projected[0].dtype)[None]
@@ -390,9 +391,9 @@ def _assemble_next(parts: _Parts, lay: _ImageLayout, projected: List[Tensor], ke
     N = parts.grid * parts.grid
     if merges:
         pieces = [base]
-        for g in range(len(projected) - 1):
-            if kept[g + 1].numel() or projected[g + 1].shape[0]:
-                pieces += [projected[g + 1], nl]
+        for t in projected[1:]:
+            if t.shape[0]:
+                pieces += [t, nl]
         return torch.cat(pieces, dim=0)
     ids = lay.grid_ids
     h, w = ids.shape
@@ -402,7 +403,7 @@ def _assemble_next(parts: _Parts, lay: _ImageLayout, projected: List[Tensor], ke
     where[ids.reshape(-1)] = torch.arange(h * w)
     keys, tokens = [], []
     for g in range(len(projected) - 1):
-        flat = where[g * N + kept[g + 1]]
+        flat = where[g * N + kept[g + 1]()]
         keys.append(flat // w * (w + 1) + flat % w)
         tokens.append(projected[g + 1])
     keys.append(torch.arange(h) * (w + 1) + w)
@@ -413,7 +414,8 @@ def _assemble_next(parts: _Parts, lay: _ImageLayout, projected: List[Tensor], ke
 
 def _image_features(model, parts: _Parts, plan: _Plan, pixel_values: Tensor, image_sizes,
                     vision_feature_layer, select_strategy):
-    """Pruned, projected tokens per image, the placeholder count of each, and the kept positions."""
+    """Per image: pruned, projected tokens; placeholder count; kept-position thunks per crop;
+    tokens that went through the projector (newline tokens are not projected)."""
     if select_strategy != "default":
         raise ValueError(f"pruning needs vision_feature_select_strategy='default' (CLS dropped), "
                          f"got {select_strategy!r}")
@@ -423,18 +425,20 @@ def _image_features(model, parts: _Parts, plan: _Plan, pixel_values: Tensor, ima
     # The selection is not differentiable; the projector (applied below) keeps its gradient.
     with torch.no_grad():
         feats, q, k = _run_vision(model, parts, crops, feature_layer, qk_layer)
-        chosen = _select(plan, parts, feats[:, 1:], q, k, rects)
-    projected = [parts.projector(t) for t, _ in chosen]
-    images, kept = [], []
+        groups = _select(plan, parts, feats[:, 1:], q, k, rects)
+    per_crop: List = [None] * crops.shape[0]
+    for members, tokens, lengths, fns in groups:
+        projected = parts.projector(tokens)  # one call per group: only the kept tokens
+        for j, i in enumerate(members):
+            per_crop[i] = (projected[j, :lengths[j]], fns[j])
+    images, kept, n_projected = [], [], []
     for lay in layouts:
-        proj = [projected[i] for i in lay.crops]
-        pos = [chosen[i][1] for i in lay.crops]
-        if parts.next:
-            images.append(_assemble_next(parts, lay, proj, pos, plan.merges))
-        else:
-            images.append(proj[0])
-        kept.append(pos)
-    return images, [lay.placeholders for lay in layouts], kept
+        proj = [per_crop[i][0] for i in lay.crops]
+        fns = [per_crop[i][1] for i in lay.crops]
+        n_projected.append(sum(t.shape[0] for t in proj))
+        images.append(_assemble_next(parts, lay, proj, fns, plan.merges) if parts.next else proj[0])
+        kept.append(fns)
+    return images, [lay.placeholders for lay in layouts], kept, n_projected
 
 
 # --------------------------------------------------------------------------- sequence side
@@ -507,20 +511,30 @@ def _bind(sig: inspect.Signature, args, kwargs) -> dict:
 class PruningHandle:
     """What ``apply_pruning`` returns: ``remove()`` puts the model back; also a context manager.
 
-    ``last_kept`` holds, after each pruned call, the kept patch positions per image and per crop
-    (raster positions in the crop's grid; PruMerge: the merge centres).
+    After each pruned call: ``last_lengths`` = visual tokens per image in the sequence (newline
+    tokens included), ``last_kept`` = kept patch positions per image and per crop (raster positions
+    in the crop's grid; PruMerge: the merge centres), ``last_projected`` = tokens per image that
+    went through the projector.
     """
 
     def __init__(self, model, parts: _Parts, plan: _Plan, options: dict):
         self.model = model
         self.method = plan.method
         self.options = dict(options)
-        self.last_kept: List[List[Tensor]] = []
+        self._kept_fns: list = []
+        self._kept: Optional[List[List[Tensor]]] = None
         self.last_lengths: List[int] = []
+        self.last_projected: List[int] = []
         self._parts = parts
         self._plan = plan
         self._saved = {name: model.__dict__.get(name, _MISSING) for name in ("forward", "generate")}
         self._active = False
+
+    @property
+    def last_kept(self) -> List[List[Tensor]]:
+        if self._kept is None:
+            self._kept = [[fn() for fn in crops] for crops in self._kept_fns]
+        return self._kept
 
     # -- the pruned path, shared by forward and generate
     def _prepare(self, input_ids, pixel_values, attention_mask, labels, image_sizes,
@@ -528,10 +542,11 @@ class PruningHandle:
         cfg = self.model.config
         layer = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = cfg.vision_feature_select_strategy if select_strategy is None else select_strategy
-        images, placeholders, kept = _image_features(
+        images, placeholders, kept, projected = _image_features(
             self.model, self._parts, self._plan, pixel_values, image_sizes, layer, strategy)
-        self.last_kept = kept
+        self._kept_fns, self._kept = kept, None
         self.last_lengths = [t.shape[0] for t in images]
+        self.last_projected = projected
         return _compact(self._parts, input_ids, attention_mask, labels, images, placeholders)
 
     def _install(self):
@@ -589,7 +604,10 @@ class PruningHandle:
                 call["attention_mask"] = mask
             out = orig_generate(input_ids=ids, inputs_embeds=embeds, **call)
             seq = out if isinstance(out, Tensor) else out.sequences
-            full = torch.cat([input_ids.to(seq.device), seq[:, ids.shape[1]:]], dim=1)
+            prompt = input_ids.to(seq.device)
+            if seq.shape[0] != prompt.shape[0]:  # beams / num_return_sequences: rows per prompt
+                prompt = prompt.repeat_interleave(seq.shape[0] // prompt.shape[0], dim=0)
+            full = torch.cat([prompt, seq[:, ids.shape[1]:]], dim=1)
             if isinstance(out, Tensor):
                 return full
             out.sequences = full
@@ -639,6 +657,9 @@ def apply_pruning(model, method: str, **options) -> PruningHandle:
     if current is not None and current._active:
         raise ValueError(f"model is already pruned ({current!r}); call remove() first")
     _feature_layer(parts, model.config.vision_feature_layer)
+    strategy = model.config.vision_feature_select_strategy
+    if strategy != "default":
+        raise ValueError(f"pruning needs vision_feature_select_strategy='default' (CLS dropped), got {strategy!r}")
     handle = PruningHandle(model, parts, plan, options)
     handle._install()
     model._vtk_pruning = handle

@@ -147,17 +147,18 @@ def vispruner_dedup(sim: torch.Tensor, residual: list, n_div: int, dedup_step: i
     argsort of the published code).
     """
     sim = torch.where(torch.isnan(sim), torch.full_like(sim, -float("inf")), sim)
+    residual = torch.as_tensor(residual, dtype=torch.int64, device=sim.device)
     while n_div > 0:
-        R = len(residual)
+        R = residual.numel()
         r = min(dedup_step, R - n_div)
         if r <= 0:
             break
         a, b = residual[0::2], residual[1::2]
-        match = sim[a][:, b].max(dim=1).values
-        ranked = rank_order(match[None])[0].tolist()
-        drop = min(r, len(a))  # (fix) with an odd R, a is one longer than b; never drop more than a
-        residual = [a[i] for i in ranked[drop:]] + b
-    return residual
+        match = sim[a[:, None], b[None, :]].max(dim=1).values
+        ranked = rank_order(match[None])[0]
+        drop = min(r, a.numel())  # (fix) with an odd R, a is one longer than b; never drop more than a
+        residual = torch.cat([a[ranked[drop:]], b])
+    return residual.tolist()
 
 
 def vispruner_select(x, scores, keep: int, important_ratio: float = 0.5, dedup_step: int = 8) -> torch.Tensor:
@@ -238,8 +239,9 @@ def prumerge(x, keys, scores, knn: int = 32, plus: bool = False, per_sample: boo
         xb = x[b].to(dt)
         wb = scores[b].to(dt)
         merged = []
+        every = torch.arange(N, device=x.device)
         for i in kept:
-            cand = torch.tensor([j for j in range(N) if j != i], dtype=torch.int64, device=x.device)
+            cand = torch.cat([every[:i], every[i + 1:]])  # every other token, ascending
             sim = kn[b, cand] @ kn[b, i]
             sim = torch.where(torch.isnan(sim), torch.full_like(sim, -float("inf")), sim)
             near = cand[rank_order(sim[None])[0, :knn]]  # fewer than knn candidates: all of them

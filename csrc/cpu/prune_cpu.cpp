@@ -64,10 +64,41 @@ at::Tensor rank_order(const at::Tensor& scores) {
   return order;
 }
 
-// x / max(||x||, 1e-12) along the last dim, in the accumulation dtype (F.normalize's rule).
-at::Tensor l2_normalize(const at::Tensor& x) {
-  auto xa = x.to(acc_type_of(x.scalar_type()));
-  return xa / xa.norm(2, {-1}, /*keepdim=*/true).clamp_min(1e-12);
+// L2 norms of the rows of x [B, N, C] in the accumulation dtype, clamped at 1e-12 (F.normalize's
+// rule: a zero row stays zero, no NaN): [B, N].
+at::Tensor row_norms(const at::Tensor& x) {
+  return at::linalg_vector_norm(x, 2, {-1}, /*keepdim=*/false, acc_type_of(x.scalar_type())).clamp_min(1e-12);
+}
+
+// Rows idx [B, K] of x [B, N, C] divided by their norms: [B, K, C], accumulation dtype. One pass
+// into one buffer (gathering and normalising separately costs two more buffers of this size).
+// Dividing (not scaling by a reciprocal) with ATen's norms gives the values of
+// reference.l2_normalize, so the Triton launcher forms the same products from CPU tensors.
+at::Tensor normalized_rows(const at::Tensor& x, const at::Tensor& norms, const at::Tensor& idx) {
+  const int64_t B = x.size(0), C = x.size(2), K = idx.size(1);
+  auto out = at::empty({B, K, C}, norms.options());
+  at::Tensor ix = idx.contiguous();
+  const int64_t* ip = ix.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "vtk_normalized_rows", [&] {
+    using acc_t = scalar_t;
+    const acc_t* np = norms.const_data_ptr<acc_t>();
+    acc_t* op = out.data_ptr<acc_t>();
+    const int64_t N = norms.size(1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vtk_normalized_rows_x", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const int64_t sb = x.stride(0), sn = x.stride(1), sd = x.stride(2);
+      at::parallel_for(0, B * K, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = r / K, j = ip[r];
+          const scalar_t* src = xp + b * sb + j * sn;
+          const acc_t n = np[b * N + j];
+          acc_t* dst = op + r * C;
+          for (int64_t d = 0; d < C; ++d) dst[d] = static_cast<acc_t>(src[d * sd]) / n;
+        }
+      });
+    });
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -137,7 +168,7 @@ void dedup_rounds(const acc_t* S, int64_t R0, int64_t n_div, int64_t step, std::
 at::Tensor vispruner_select_cpu(const at::Tensor& x, const at::Tensor& scores, int64_t keep,
                                 double important_ratio, int64_t dedup_step) {
   check_vispruner(x, scores, keep, important_ratio, dedup_step);
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  const int64_t B = x.size(0), N = x.size(1);
   // floor(T * ratio) in float64: the published int(T * r)
   const int64_t n_imp = static_cast<int64_t>(std::floor(static_cast<double>(keep) * important_ratio));
   const int64_t n_div = keep - n_imp, R0 = N - n_imp;
@@ -152,7 +183,7 @@ at::Tensor vispruner_select_cpu(const at::Tensor& x, const at::Tensor& scores, i
     // One product per image, residual tokens only, in their list order: row/column t of S is the
     // t-th residual token.
     at::Tensor res = order.narrow(1, n_imp, R0);
-    at::Tensor xr = l2_normalize(x.gather(1, res.unsqueeze(-1).expand({B, R0, C})));
+    at::Tensor xr = normalized_rows(x, row_norms(x), res);
     S = at::bmm(xr, xr.transpose(1, 2)).contiguous();
   }
   AT_DISPATCH_FLOATING_TYPES(rounds ? S.scalar_type() : acc_type_of(x.scalar_type()), "vispruner_select_cpu", [&] {
@@ -199,6 +230,13 @@ void check_prumerge(const at::Tensor& x, const at::Tensor& keys, const at::Tenso
 // Q3 + 1.5 (Q3 - Q1) of v (sorted in place), in T; NaN if v holds a NaN (as numpy).
 // Quartiles as numpy.percentile 'linear': virtual index (n - 1) q (exact for q = 1/4, 3/4), then
 // numpy's lerp: a + (b - a) t for t < 0.5, else b - (b - a)(1 - t).
+// Every product is rounded on its own (no fused multiply-add), as in numpy and torch.
+template <typename T>
+T rounded(T v) {
+  volatile T r = v;
+  return r;
+}
+
 template <typename T>
 T iqr_upper_bound(std::vector<T>& v) {
   for (T e : v)
@@ -211,10 +249,11 @@ T iqr_upper_bound(std::vector<T>& v) {
     const double t = h - static_cast<double>(lo);
     const T a = v[lo], b = v[std::min(lo + 1, n - 1)];
     const T d = b - a;
-    return t < 0.5 ? static_cast<T>(a + d * static_cast<T>(t)) : static_cast<T>(b - d * static_cast<T>(1.0 - t));
+    return t < 0.5 ? static_cast<T>(a + rounded<T>(d * static_cast<T>(t)))
+                   : static_cast<T>(b - rounded<T>(d * static_cast<T>(1.0 - t)));
   };
   const T q1 = percentile(0.25), q3 = percentile(0.75);
-  return static_cast<T>(q3 + static_cast<T>(1.5) * static_cast<T>(q3 - q1));
+  return static_cast<T>(q3 + rounded<T>(static_cast<T>(1.5) * static_cast<T>(q3 - q1)));
 }
 
 // Adaptive counts (at least 1: the fix for "no outlier"). s: [B, N] contiguous, float or double.
@@ -243,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> prumerge_cpu(const at::Tensor& x, const at::T
                                                 const at::Tensor& scores, int64_t knn, bool plus,
                                                 bool per_sample) {
   check_prumerge(x, keys, scores, knn);
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), Ck = keys.size(2);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   at::Tensor order = rank_order(scores);
   const int64_t* ordp = order.const_data_ptr<int64_t>();
 
@@ -277,8 +316,13 @@ std::tuple<at::Tensor, at::Tensor> prumerge_cpu(const at::Tensor& x, const at::T
   }
 
   // Similarity of every kept token to every token: one batched product, [B, KM, N].
-  at::Tensor kn = l2_normalize(keys);
-  at::Tensor sim = at::bmm(kn.gather(1, kept_t.unsqueeze(-1).expand({B, KM, Ck})), kn.transpose(1, 2)).contiguous();
+  // The keys of all N tokens are not normalised into a copy: the product uses the raw keys and
+  // its columns are divided by their norms afterwards.
+  at::Tensor norms = row_norms(keys);
+  at::Tensor kk = normalized_rows(keys, norms, kept_t);
+  at::Tensor sim = at::bmm(kk, keys.to(kk.scalar_type()).transpose(1, 2));
+  sim.div_(norms.unsqueeze(1));
+  sim = sim.contiguous();
 
   auto out = at::zeros({B, M, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n_near = std::min(knn, N - 1);  // fewer candidates than knn: all of them
@@ -304,7 +348,12 @@ std::tuple<at::Tensor, at::Tensor> prumerge_cpu(const at::Tensor& x, const at::T
           const acc_t* wb = wp + b * N;
           auto add = [&](int64_t j, acc_t w) {
             const scalar_t* xr = xb + j * sxn;
-            for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<acc_t>(xr[d * sxd]);
+            acc_t* a = acc.data();
+            if (sxd == 1) {  // the common layout: a loop the compiler vectorises
+              for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<acc_t>(xr[d]);
+            } else {
+              for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<acc_t>(xr[d * sxd]);
+            }
           };
           std::fill(acc.begin(), acc.end(), acc_t(0));
           if (i < K) {

@@ -5,8 +5,9 @@ lower position first; NaN ranks below every number (below -inf); -0.0 equals +0.
 are bit-identical to the reference because the ranking is done on exact integer keys:
 
   key(x)  for float16/bfloat16/float32 scores: x -> float32 (exact), b = bits(x) as int32,
-          key = b ^ ((b >> 31) & 0x7FFFFFFF), with -0.0 first mapped to +0.0 and NaN to
-          INT32_MIN. For float64 scores the same with int64 and 0x7FFF_FFFF_FFFF_FFFF.
+          key = b ^ ((b >> 31) & 0x7FFFFFFF), except that both zeros get key 0 (so
+          -0.0 == +0.0) and every NaN gets INT32_MIN (below -inf's key 0x807FFFFF).
+          For float64 scores the same with int64 and 0x7FFF_FFFF_FFFF_FFFF.
           Signed integer order of the keys is the score order (the int32 keys of float32
           values order exactly like the int64 keys of the same values, so converting
           lower-precision scores to float64, as the reference does, changes nothing).
@@ -53,19 +54,23 @@ def _row_block(n: int):
 
 @triton.jit
 def _rank_key(x, KEY64: tl.constexpr):
-    """Order-preserving signed integer key (see the module docstring)."""
+    """Order-preserving signed integer key (see the module docstring).
+
+    Zero and NaN are recognised from the bits, not by float compares, so a flush-to-zero
+    compare can never merge a denormal with zero.
+    """
     if KEY64:
-        v = x.to(tl.float64)
-        v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0
-        bits = v.to(tl.int64, bitcast=True)
+        bits = x.to(tl.float64).to(tl.int64, bitcast=True)
+        mag = bits & 0x7FFFFFFFFFFFFFFF
         key = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
-        key = tl.where(v != v, -9223372036854775807 - 1, key)
+        key = tl.where(mag == 0, 0, key)  # -0.0 ranks as +0.0
+        key = tl.where(mag > 0x7FF0000000000000, -9223372036854775807 - 1, key)  # NaN
     else:
-        v = x.to(tl.float32)
-        v = tl.where(v == 0.0, 0.0, v)
-        bits = v.to(tl.int32, bitcast=True)
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
         key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key = tl.where(v != v, -2147483647 - 1, key)
+        key = tl.where(mag == 0, 0, key)
+        key = tl.where(mag > 0x7F800000, -2147483647 - 1, key)
     return key
 
 
@@ -141,7 +146,9 @@ def _write_top(ptr, stride, n, tau, n_take_eq, out_ptr, out_base, value_base,
 
 # --- topk_indices --------------------------------------------------------------------------
 
-@triton.jit
+# Counts stay runtime values: Triton would otherwise turn an argument equal to 1 into a
+# compile-time constant, and the kernels treat them as tensors.
+@triton.jit(do_not_specialize=["N", "K"])
 def _topk_kernel(
     s_ptr, s_sb, s_sn,
     out_ptr,
@@ -225,7 +232,7 @@ def gather_tokens(x, indices) -> torch.Tensor:
 
 # --- fopru_select --------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "W"])
 def _row_sums_kernel(
     s_ptr, s_sb, s_sn,
     rs_ptr,
@@ -247,7 +254,7 @@ def _row_sums_kernel(
     tl.store(rs_ptr + b * R + i, acc, mask=imask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "W", "KEEP"])
 def _fopru_row_kernel(
     s_ptr, s_sb, s_sn,
     rs_ptr,

@@ -1,0 +1,314 @@
+"""Triton launchers against vtkernels.reference, called directly.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (conftest.py sets it; it
+is set here too for a direct run of this file). With CUDA and no interpreter they run on the GPU.
+The interpreter is slow: sizes are chosen so that the whole file stays well under 3 minutes.
+"""
+import os
+
+if "TRITON_INTERPRET" not in os.environ:  # before any Triton kernel is defined
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+from vtkernels import reference as ref
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+if INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("no CUDA device and TRITON_INTERPRET is off", allow_module_level=True)
+
+try:
+    import triton  # noqa: F401
+except Exception as e:  # pragma: no cover
+    pytest.skip(f"triton unavailable: {e}", allow_module_level=True)
+
+from vtkernels.triton import scoring as TS  # noqa: E402
+from vtkernels.triton import select as TSel  # noqa: E402
+
+if INTERPRET and type(TSel._topk_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("vtkernels.triton was imported before TRITON_INTERPRET=1 was set (no GPU here); "
+                "run this file alone or set TRITON_INTERPRET=1", allow_module_level=True)
+
+# inf + -inf in FoPru row sums is a NaN on purpose; the interpreter's numpy warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.float64]
+if DEVICE == "cuda":
+    FLOAT_DTYPES.append(torch.bfloat16)  # the interpreter does not model bfloat16 faithfully
+
+# Scores come back as float32. Float64 inputs are the exactness mode: only the final rounding
+# to float32 (and summation order far below it) may differ.
+TOL = {
+    torch.float64: dict(rtol=1e-6, atol=1e-9),
+    torch.float32: dict(rtol=2e-4, atol=1e-6),
+    torch.float16: dict(rtol=2e-4, atol=1e-6),
+    torch.bfloat16: dict(rtol=2e-4, atol=1e-6),
+}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _qk(B, T, C, dtype, seed=0, layout="fused"):
+    """q, k as non-contiguous views: of a fused qkv [B, T, 3C], or a [T, B, C] tensor transposed."""
+    g = _gen(seed)
+    if layout == "fused":
+        qkv = torch.randn(B, T, 3 * C, generator=g).to(dtype).to(DEVICE)
+        return qkv[..., :C], qkv[..., C:2 * C]
+    if layout == "transposed":
+        q = torch.randn(T, B, C, generator=g).to(dtype).to(DEVICE).transpose(0, 1)
+        k = torch.randn(T, B, C, generator=g).to(dtype).to(DEVICE).transpose(0, 1)
+        return q, k
+    q = torch.randn(B, T, C, generator=g).to(dtype).to(DEVICE)
+    k = torch.randn(B, T, C, generator=g).to(dtype).to(DEVICE)
+    return q, k
+
+
+def _ref_scores(name, q, k, H, **kw):
+    return getattr(ref, name)(q.cpu(), k.cpu(), H, **kw)
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+SCORING_OPS = ["cls_attention", "attention_received", "fopru_significance"]
+
+# (B, T, C, H): head dims 16, 64, 80, 128; T odd, tiny and one LLaVA-sized (cheap C, one head).
+SCORING_SHAPES = [(2, 2, 32, 2), (2, 17, 64, 1), (2, 50, 160, 2), (1, 577, 128, 1)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SCORING_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_scoring_matches_reference(shape, dtype):
+    B, T, C, H = shape
+    if INTERPRET and T > 100 and dtype != torch.float32:
+        pytest.skip("one large case is enough under the interpreter")
+    q, k = _qk(B, T, C, dtype, seed=T)
+    assert not q.is_contiguous()
+    for name in SCORING_OPS:
+        got = getattr(TS, name)(q, k, H)
+        want = _ref_scores(name, q, k, H)
+        assert got.dtype == torch.float32 and got.shape == (B, T - 1)
+        torch.testing.assert_close(got.cpu(), want, **TOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "contiguous"])
+def test_scoring_layouts_scale_and_no_cls(layout):
+    q, k = _qk(2, 17, 48, torch.float32, seed=3, layout=layout)
+    for name in SCORING_OPS:
+        want = _ref_scores(name, q, k, 3, scale=0.3)
+        got = getattr(TS, name)(q, k, 3, 0.3)
+        torch.testing.assert_close(got.cpu(), want, **TOL[torch.float32])
+    for name in ("attention_received", "fopru_significance"):
+        got = getattr(TS, name)(q, k, 3, None, False)
+        want = _ref_scores(name, q, k, 3, has_cls=False)
+        assert got.shape == (2, 17)
+        torch.testing.assert_close(got.cpu(), want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fopru_significance_takes_rows_or_columns(dtype):
+    """Image 0: patch keys alike, CLS key strong -> rows vary more; image 1: random -> columns."""
+    B, T, C, H = 2, 26, 64, 2
+    q, k = _qk(B, T, C, dtype, seed=7, layout="contiguous")
+    k[0, 1:] = 0.01 * k[0, 1:]
+    k[0, 0] = 4.0 * k[0, 0]
+    a = _ref_scores("attention_probs", q, k, H).mean(dim=1)[:, 1:, 1:]
+    col, row = a.mean(dim=1), a.mean(dim=2)
+    use_col = col.var(dim=1, unbiased=False) >= row.var(dim=1, unbiased=False)
+    assert use_col.tolist() == [False, True]
+    got = TS.fopru_significance(q, k, H)
+    torch.testing.assert_close(got.cpu(), _ref_scores("fopru_significance", q, k, H), **TOL[dtype])
+    torch.testing.assert_close(got[0].cpu(), row[0].float(), **TOL[dtype])
+
+
+def test_scoring_deterministic():
+    q, k = _qk(1, 50, 64, torch.float32, seed=11)
+    for name in SCORING_OPS:
+        fn = getattr(TS, name)
+        assert torch.equal(fn(q, k, 2), fn(q, k, 2)), name
+
+
+def test_scoring_rejects_bad_input():
+    q, k = _qk(1, 5, 8, torch.float32, layout="contiguous")
+    cases = [
+        (q, k[:, :4], 2, {}),                          # shape mismatch
+        (q, k, 3, {}),                                 # 3 heads do not divide C=8
+        (q[0], k[0], 2, {}),                           # rank 2
+        (q.to(torch.int32), k.to(torch.int32), 2, {}), # integer dtype
+        (q, k.double(), 2, {}),                        # dtype mismatch
+        (q[:, :1], k[:, :1], 2, {}),                   # T=1 with CLS: no patch token
+    ]
+    for name in SCORING_OPS:
+        for a, b, h, kw in cases:
+            with pytest.raises(ValueError):
+                getattr(TS, name)(a, b, h, **kw)
+    with pytest.raises(ValueError):
+        TS.cls_attention(q, k, 2, float("nan"))
+
+
+# --- selection -------------------------------------------------------------------------------
+
+def _score_rows(N, dtype, seed=0):
+    """Rows [5, N]: distinct values, heavy ties, all equal, NaN/inf/+-0/denormal mix, all NaN."""
+    g = _gen(seed)
+    distinct = torch.randn(N, generator=g, dtype=torch.float64)
+    ties = torch.randint(0, 4, (N,), generator=g).to(torch.float64)
+    equal = torch.full((N,), 0.5, dtype=torch.float64)
+    special = torch.randint(-1, 2, (N,), generator=g).to(torch.float64)
+    u = torch.rand(N, generator=g)
+    special[u < 0.15] = float("nan")
+    special[(u >= 0.15) & (u < 0.25)] = float("-inf")
+    special[(u >= 0.25) & (u < 0.35)] = -0.0
+    special[(u >= 0.35) & (u < 0.40)] = float("inf")
+    special[(u >= 0.40) & (u < 0.45)] = 0.0
+    special[(u >= 0.45) & (u < 0.50)] = 1e-40   # float32 denormal (0 in float16)
+    special[(u >= 0.50) & (u < 0.55)] = -1e-40
+    all_nan = torch.full((N,), float("nan"), dtype=torch.float64)
+    return torch.stack([distinct, ties, equal, special, all_nan]).to(dtype)
+
+
+def _check_topk(s, ks):
+    s_cpu = s.cpu()
+    for k in ks:
+        got = TSel.topk_indices(s, k)
+        want = ref.topk_indices(s_cpu, k)
+        assert got.dtype == torch.int64
+        assert torch.equal(got.cpu(), want), (k, got, want)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("N", [1, 2, 7, 49, 576])
+def test_topk_matches_reference(N, dtype):
+    s = _score_rows(N, dtype, seed=N).to(DEVICE)
+    _check_topk(s, sorted({1, max(1, N // 3), max(1, N - 1), N}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_topk_large_row(dtype):
+    s = _score_rows(2880, dtype, seed=5).to(DEVICE)
+    _check_topk(s, [1, 1000, 2880])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_topk_multi_block_rows(dtype, monkeypatch):
+    """Rows longer than one block stream block by block (normally only beyond 4096)."""
+    monkeypatch.setattr(TSel, "_MAX_BLOCK", 64)
+    s = _score_rows(150, dtype, seed=9).to(DEVICE)
+    _check_topk(s, [1, 70, 150])
+
+
+def test_topk_noncontiguous_and_near_values():
+    base = torch.randn(300, 3, generator=_gen(1)).t()  # [3, 300], stride (1, 3)
+    base[1, ::2] = 1.0
+    base[1, 1::2] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))  # one ulp apart
+    base[2] = torch.tensor([-0.0, 0.0]).repeat(150)
+    s = base.to(DEVICE)
+    assert not s.is_contiguous()
+    _check_topk(s, [1, 150, 151, 299])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=str)
+def test_gather_tokens(dtype, idx_dtype):
+    g = _gen(2)
+    x = torch.randn(2, 40, 2 * 36, generator=g).to(dtype)[:, :, ::2]  # non-contiguous rows
+    idx = torch.randint(0, 40, (2, 13), generator=g)  # any order, repeats allowed
+    idx[0, 0], idx[1, 0] = 0, 39
+    got = TSel.gather_tokens(x.to(DEVICE), idx.to(idx_dtype).to(DEVICE))
+    assert got.is_contiguous() and got.dtype == dtype
+    assert torch.equal(got.cpu(), ref.gather_tokens(x, idx))
+
+
+def test_gather_rejects_bad_input():
+    x = torch.randn(2, 10, 4, device=DEVICE)
+    ok = torch.zeros(2, 3, dtype=torch.int64, device=DEVICE)
+    for bad in (ok + 10, ok - 1):
+        with pytest.raises(ValueError):
+            TSel.gather_tokens(x, bad)
+    for args in ((x, ok.float()), (x, ok[0]), (x[:1], ok), (x[0], ok), (x.int(), ok)):
+        with pytest.raises(ValueError):
+            TSel.gather_tokens(*args)
+
+
+def _check_fopru(x, s, keeps, strategy, grid_width=0):
+    x_cpu, s_cpu = x.cpu(), s.cpu()
+    for keep in keeps:
+        tok, idx = TSel.fopru_select(x, s, keep, strategy, grid_width)
+        tok_ref, idx_ref = ref.fopru_select(x_cpu, s_cpu, keep, strategy, grid_width)
+        assert torch.equal(idx.cpu(), idx_ref), (strategy, keep, grid_width, idx, idx_ref)
+        assert tok.is_contiguous() and tok.shape == tok_ref.shape
+        assert torch.equal(tok.cpu(), tok_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("strategy", ["rank", "row"])
+@pytest.mark.parametrize("N", [1, 49, 576])
+def test_fopru_select_square(N, strategy, dtype):
+    s = _score_rows(N, dtype, seed=N + 1).to(DEVICE)
+    x = torch.randn(s.shape[0], N, 6, generator=_gen(N)).to(dtype).to(DEVICE)
+    W = int(N ** 0.5)
+    keeps = sorted({1, N, W, min(N, 2 * W + 3), max(1, N - 1)})
+    _check_fopru(x, s, keeps, strategy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fopru_select_grid_width(dtype):
+    s = _score_rows(50, dtype, seed=4).to(DEVICE)
+    x = torch.randn(5, 50, 64, generator=_gen(4)).to(dtype).to(DEVICE).transpose(1, 2)
+    x = x.contiguous().transpose(1, 2)  # non-contiguous [B, N, D] view
+    for gw, keeps in ((1, [1, 23, 50]), (10, [7, 23]), (5, [1, 23]), (50, [23, 50])):
+        _check_fopru(x, s, keeps, "row", gw)
+    _check_fopru(x, s, [1, 23, 50], "rank", 7)  # grid_width is ignored by "rank"
+
+
+def test_fopru_select_row_ties_and_large():
+    # Row sums tie (equal rows) -> lower row first; a NaN row sum (inf + -inf) ranks last.
+    s = torch.zeros(2, 36)
+    s[1, :6] = float("inf")
+    s[1, 6] = float("-inf")
+    s[1, 12:18] = 1.0
+    _check_fopru(torch.randn(2, 36, 3).to(DEVICE), s.to(DEVICE), [1, 6, 7, 20, 36], "row")
+    # LLaVA-NeXT sized: 5 crops' worth of tokens on a 48-wide grid, and the multi-block path.
+    s = torch.randn(1, 2880, generator=_gen(8)).to(DEVICE)
+    x = torch.randn(1, 2880, 4, generator=_gen(8)).to(DEVICE)
+    _check_fopru(x, s, [1, 100, 2880], "row", 48)
+    _check_fopru(x, s, [700], "rank")
+
+
+def test_fopru_select_multi_block(monkeypatch):
+    monkeypatch.setattr(TSel, "_MAX_BLOCK", 32)
+    s = _score_rows(100, torch.float32, seed=12).to(DEVICE)
+    x = torch.randn(5, 100, 3, generator=_gen(12)).to(DEVICE)
+    _check_fopru(x, s, [1, 33], "row", 2)   # 50 rows of 2: rows stream in blocks
+    _check_fopru(x, s, [33], "row", 50)     # 2 rows of 50: the partial row streams
+
+
+def test_selection_rejects_bad_input():
+    s = torch.randn(2, 16, device=DEVICE)
+    x = torch.randn(2, 16, 4, device=DEVICE)
+    for k in (0, 17, -1):
+        with pytest.raises(ValueError):
+            TSel.topk_indices(s, k)
+    with pytest.raises(ValueError):
+        TSel.topk_indices(s.int(), 3)
+    with pytest.raises(ValueError):
+        TSel.topk_indices(s[0], 3)
+    bad_calls = [
+        (x, s, 0, "rank", 0), (x, s, 17, "rank", 0), (x, s, 4, "best", 0),
+        (x, s, 4, "row", 3), (x, s, 4, "row", -1), (x[:, :15], s, 4, "rank", 0),
+        (x[:1], s, 4, "rank", 0), (x, s.int(), 4, "rank", 0),
+    ]
+    for args in bad_calls:
+        with pytest.raises(ValueError):
+            TSel.fopru_select(*args)
+    with pytest.raises(ValueError):  # not a square: grid_width is needed
+        TSel.fopru_select(x[:, :15], s[:, :15], 4, "row", 0)
