@@ -1,9 +1,12 @@
 // The vtk op schemas, written once. Each backend registers kernels for its dispatch key
 // (cpu/*.cpp, cuda/*_glue.cpp); Python adds fake kernels and the Triton CUDA kernels
 // (vtkernels/ops.py). Keep in sync with vtkernels/_schemas.py (a test compares them).
+#ifndef VTK_NO_PYTHON
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
+#ifndef VTK_NO_PYTHON  // CMake's libtorch-only build (CMakeLists.txt) defines it
 extern "C" {
 // Lets `import vtkernels._C` load this library without pybind; the ops register themselves
 // with the dispatcher when the shared object is loaded.
@@ -12,6 +15,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(vtk, m) {
   m.def("cls_attention(Tensor q, Tensor k, int num_heads, float? scale=None) -> Tensor");

@@ -157,7 +157,7 @@ void dedup_rounds(const acc_t* S, int64_t R0, int64_t n_div, int64_t step, std::
       ranked[i] = {rank_key(m2 > m0 ? m2 : m0), i};
     }
     std::sort(ranked.begin(), ranked.end(), ranks_before<key_t<acc_t>>);
-    const int64_t drop = std::min(r, na);  // (fix) an odd R gives a one entry more than b
+    const int64_t drop = std::min(r, na);  // (fix) with an odd R, a has one entry more than b
     next.clear();
     for (int64_t t = drop; t < na; ++t) next.push_back(list[2 * ranked[t].second]);
     next.insert(next.end(), bidx.begin(), bidx.end());
