@@ -267,6 +267,7 @@ __device__ void write_rows(const Keys& keys, int64_t H, int64_t W, uint32_t full
     const bool partial = rem && eq && eq_b + 1 == need;
     const bool selected = gt || (eq && eq_b < need);
     const int64_t offset = static_cast<int64_t>(fr) * W + ((rem && eq_b >= need) ? rem : 0);
+    // rs was last read by the previous chunk's copy, which the barriers of the scan above ended.
     if (partial) {
       rs.partial_row = r;
       rs.partial_out = offset;
@@ -284,7 +285,6 @@ __device__ void write_rows(const Keys& keys, int64_t H, int64_t W, uint32_t full
       const int e = t / w32, w = t - e * w32;
       out[rs.out[e] + w] = static_cast<int64_t>(rs.row[e]) * W + w;
     }
-    __syncthreads();  // rs is refilled by the next chunk
   }
 }
 
@@ -450,7 +450,11 @@ void launch_fopru_select(const S* scores, int64_t sb, int64_t sn, const E* x, in
     const size_t rows = cache_for(N / row_width, sizeof(uint64_t)), cols = cache_for(row_width, key_bytes);
     cache = rows > cols ? rows : cols;
   }
-  fopru_select_kernel<S, E><<<static_cast<unsigned>(B), select_threads(N), cache, stream>>>(
+  // The block that selects also copies its image's kept rows: give a large copy all the warps,
+  // so that more loads are in flight on its SM.
+  const bool big_copy = keep * D * static_cast<int64_t>(sizeof(E)) >= (int64_t{1} << 18);
+  const int threads = big_copy ? kMaxThreads : select_threads(N);
+  fopru_select_kernel<S, E><<<static_cast<unsigned>(B), threads, cache, stream>>>(
       scores, sb, sn, x, sxb, sxn, sxd, N, D, keep, row_width, out_x, out_idx, cache, vec16);
 }
 
