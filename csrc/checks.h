@@ -3,9 +3,18 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 
 namespace vtk {
+
+// Grain (in tasks) for at::parallel_for when each task costs `work` elementary steps: small
+// problems stay on one thread, where waking a thread pool costs more than it gives (and stalls
+// badly when the cores are busy with other processes).
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work));
+}
 
 inline void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name,

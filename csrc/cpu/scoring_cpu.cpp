@@ -52,7 +52,7 @@ at::Tensor cls_attention_cpu(const at::Tensor& q, const at::Tensor& k, int64_t n
     const int64_t qsb = q.stride(0), qsc = q.stride(2);
     const int64_t ksb = k.stride(0), kst = k.stride(1), ksc = k.stride(2);
     float* op = out.data_ptr<float>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, grain_for(T * C), [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> logits(T), acc(N), q0(C);
       for (int64_t b = b0; b < b1; ++b) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -84,7 +84,7 @@ void patch_sums(const at::Tensor& q, const at::Tensor& k, int64_t num_heads, dou
   const auto acc = acc_type_of(q.scalar_type());
   colsum = at::zeros({B, num_heads, N}, q.options().dtype(acc));
   rowsum = at::zeros({B, num_heads, N}, q.options().dtype(acc));
-  at::parallel_for(0, B * num_heads, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * num_heads, grain_for(T * T * dh), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / num_heads, h = i % num_heads;
         // Head slices of one image: strided views, converted once to the accumulation dtype.
