@@ -244,6 +244,109 @@ def test_generate_return_dict_and_positional_input(llava):
     assert torch.equal(pos, out.sequences)
 
 
+LENGTH_SOURCES = ["keyword", "generation_config", "model.generation_config"]
+
+
+@pytest.fixture
+def restore_generation_config(llava):
+    """These tests set model.generation_config on the shared model: put it back afterwards."""
+    model, _ = llava
+    saved = copy.deepcopy(model.generation_config)
+    yield
+    model.generation_config = saved
+
+
+def length_call(model, source, **lengths):
+    """generate() arguments that set `lengths` from `source` (model.generation_config: edited here)."""
+    from transformers import GenerationConfig
+    if source == "keyword":
+        return dict(do_sample=False, **lengths)
+    if source == "generation_config":
+        return dict(generation_config=GenerationConfig(do_sample=False, **lengths))
+    for name, value in lengths.items():
+        setattr(model.generation_config, name, value)
+    return dict(do_sample=False)
+
+
+def config_snapshot(model, call):
+    return (model.generation_config.to_dict(),
+            call["generation_config"].to_dict() if "generation_config" in call else None)
+
+
+@pytest.mark.parametrize("source", LENGTH_SOURCES)
+def test_generate_max_length_counts_the_original_prompt(llava, restore_generation_config, source):
+    # max_length counts the prompt; pruning shortens the prompt the model sees, not the number of
+    # new tokens: wherever max_length comes from, as many new tokens as without pruning.
+    model, proc = llava
+    inputs = same_length_batch(proc)
+    L = inputs["input_ids"].shape[1]
+    call = length_call(model, source, max_length=L + 4)
+    before = config_snapshot(model, call)
+    with torch.no_grad():
+        want = model.generate(**inputs, **call)
+        with vhf.pruning(model, "fopru_rank", keep=4):
+            got = model.generate(**inputs, **call)
+    assert want.shape[1] - L == 4 and got.shape[1] - L == 4
+    assert torch.equal(got[:, :L], inputs["input_ids"])
+    assert config_snapshot(model, call) == before  # neither the model's nor the caller's config edited
+
+
+@pytest.mark.parametrize("source", LENGTH_SOURCES)
+def test_generate_min_length_counts_the_original_prompt(llava, restore_generation_config, source):
+    # Every token but 5 is an EOS: min_length forces 5 until it is reached, then the next token ends
+    # the sequence, so min_length - L + 1 new tokens, pruned or not.
+    model, proc = llava
+    inputs = same_length_batch(proc)
+    L = inputs["input_ids"].shape[1]
+    eos = [t for t in range(model.config.text_config.vocab_size) if t != 5]
+    call = length_call(model, source, min_length=L + 3, max_length=L + 10, eos_token_id=eos)
+    before = config_snapshot(model, call)
+    with torch.no_grad():
+        want = model.generate(**inputs, **call)
+        with vhf.pruning(model, "fopru_rank", keep=4):
+            got = model.generate(**inputs, **call)
+    assert want.shape[1] - L == 4 and got.shape[1] - L == 4
+    assert (want[:, L:L + 3] == 5).all() and (got[:, L:L + 3] == 5).all()
+    assert config_snapshot(model, call) == before
+
+
+def test_generate_default_max_length_as_unpruned(llava, restore_generation_config):
+    # Nothing sets a length: transformers' default (20 new tokens, capped by
+    # config.max_position_embeddings where the config has it) applies as without pruning.
+    model, proc = llava
+    inputs = same_length_batch(proc)
+    L = inputs["input_ids"].shape[1]
+    had = "max_position_embeddings" in model.config.__dict__
+    saved = getattr(model.config, "max_position_embeddings", None)
+    try:
+        for cap, new in ((None, 20), (L + 6, 6)):
+            model.config.max_position_embeddings = cap
+            with torch.no_grad():
+                want = model.generate(**inputs, do_sample=False)
+                with vhf.pruning(model, "fopru_rank", keep=4):
+                    got = model.generate(**inputs, do_sample=False)
+            assert want.shape[1] - L == new and got.shape[1] - L == new
+    finally:
+        if had:
+            model.config.max_position_embeddings = saved
+        else:
+            model.config.__dict__.pop("max_position_embeddings", None)
+    assert model.generation_config.max_length is None
+
+
+def test_generate_max_new_tokens_wins_over_max_length(llava, restore_generation_config):
+    # model.generation_config's max_new_tokens beats a max_length keyword, as in transformers.
+    model, proc = llava
+    inputs = same_length_batch(proc)
+    L = inputs["input_ids"].shape[1]
+    model.generation_config.max_new_tokens = 3
+    with torch.no_grad():
+        want = model.generate(**inputs, do_sample=False, max_length=L + 6)
+        with vhf.pruning(model, "fopru_rank", keep=4):
+            got = model.generate(**inputs, do_sample=False, max_length=L + 6)
+    assert want.shape[1] - L == 3 and got.shape[1] - L == 3
+
+
 def test_labels_are_compacted(llava):
     model, proc = llava
     inputs = same_length_batch(proc)

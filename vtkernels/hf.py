@@ -30,6 +30,7 @@ crop order, followed by one newline token.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -508,6 +509,54 @@ def _bind(sig: inspect.Signature, args, kwargs) -> dict:
     return bound
 
 
+def _shift_lengths(model, call: dict, prompt_len: int, compact_len: int) -> None:
+    """Keeps the number of new tokens of ``generate`` under pruning.
+
+    ``max_length`` and ``min_length`` count the prompt, which pruning shortens: where they decide
+    the length (no ``max_new_tokens`` / ``min_new_tokens``), they are shifted by the tokens pruned,
+    whether they come from a keyword, the passed ``generation_config`` or
+    ``model.generation_config`` (same precedence as transformers). The transformers default
+    (``max_length`` 20 new tokens, capped by ``max_position_embeddings``) is kept as unpruned.
+    Edits ``call`` only: a passed config is copied, ``model.generation_config`` is left alone.
+    """
+    shift = compact_len - prompt_len
+    if shift == 0:
+        return
+    gc = call.get("generation_config")
+    model_gc = getattr(model, "generation_config", None)
+
+    def effective(name):
+        for src in (call, vars(gc) if gc is not None else None, vars(model_gc) if model_gc is not None else None):
+            if src is not None and src.get(name) is not None:
+                return src[name]
+        return None
+
+    updates = {}
+    if effective("max_new_tokens") is None:
+        max_length = effective("max_length")
+        if max_length is None:  # transformers: `default` new tokens, at most max_position_embeddings in all
+            default = 20
+            defaults = getattr(type(model_gc), "_get_default_generation_params", None) if model_gc is not None else None
+            if defaults is not None:
+                default = defaults().get("max_length", default) or default
+            cap = getattr(model.config, "max_position_embeddings", None)
+            if cap is not None and prompt_len + default > cap:
+                max_length = cap
+        if max_length is not None:
+            updates["max_length"] = max_length + shift
+    if effective("min_new_tokens") is None:
+        min_length = effective("min_length")
+        if min_length:
+            updates["min_length"] = max(min_length + shift, 0)
+    for name, value in updates.items():
+        if call.get(name) is not None or gc is None:
+            call[name] = value
+        else:
+            if call.get("generation_config") is gc:
+                gc = call["generation_config"] = copy.deepcopy(gc)
+            setattr(gc, name, value)
+
+
 class PruningHandle:
     """What ``apply_pruning`` returns: ``remove()`` puts the model back; also a context manager.
 
@@ -595,11 +644,7 @@ class PruningHandle:
                 input_ids, call.pop("pixel_values"), call.pop("attention_mask", None), None,
                 call.pop("image_sizes", None), call.pop("vision_feature_layer", None),
                 call.pop("vision_feature_select_strategy", None))
-            # max_length counts the prompt: keep its meaning for the caller's (longer) prompt.
-            gc = call.get("generation_config")
-            if call.get("max_new_tokens") is None and (gc is None or gc.max_new_tokens is None) \
-                    and call.get("max_length") is not None:
-                call["max_new_tokens"] = max(call.pop("max_length") - input_ids.shape[1], 0)
+            _shift_lengths(model, call, input_ids.shape[1], ids.shape[1])
             if mask is not None:
                 call["attention_mask"] = mask
             out = orig_generate(input_ids=ids, inputs_embeds=embeds, **call)
