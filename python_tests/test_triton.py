@@ -40,12 +40,16 @@ if INTERPRET and type(TSel._topk_kernel).__name__ != "InterpretedFunction":
 # inf + -inf in FoPru row sums is a NaN on purpose; the interpreter's numpy warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-FLOAT_DTYPES = [torch.float32, torch.float16, torch.float64]
-if DEVICE == "cuda":
-    FLOAT_DTYPES.append(torch.bfloat16)  # the interpreter does not model bfloat16 faithfully
+# bfloat16 runs under the interpreter too: the kernels never rely on the interpreter's own
+# bfloat16 conversions (stored as uint16, subnormals mangled) or on its bfloat16 tl.dot.
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.float64, torch.bfloat16]
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # Scores come back as float32. Float64 inputs are the exactness mode: only the final rounding
-# to float32 (and summation order far below it) may differ.
+# to float32 (and summation order far below it) may differ. 16-bit inputs are compared with the
+# reference run in float64 on the same (already rounded) values: the kernels accumulate in
+# float32 from exact 16-bit products, so only float32 accumulation error is allowed, not the
+# input rounding (a bfloat16 rounding inside the kernel, ~4e-3 relative, would fail).
 TOL = {
     torch.float64: dict(rtol=1e-6, atol=1e-9),
     torch.float32: dict(rtol=2e-4, atol=1e-6),
@@ -74,6 +78,8 @@ def _qk(B, T, C, dtype, seed=0, layout="fused"):
 
 
 def _ref_scores(name, q, k, H, **kw):
+    if q.dtype in HALF_DTYPES:  # float64 oracle on the same 16-bit values (exact upcast)
+        q, k = q.double(), k.double()
     return getattr(ref, name)(q.cpu(), k.cpu(), H, **kw)
 
 
@@ -157,8 +163,24 @@ def test_scoring_rejects_bad_input():
 
 # --- selection -------------------------------------------------------------------------------
 
+MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
+
+
+def _subnormals(N, dtype, g):
+    """N values of dtype: +-0, +-m * (smallest subnormal of dtype), m < 16 (ties), and the
+    smallest normal, exact in float64 and in dtype."""
+    fi = torch.finfo(dtype)
+    tiny = fi.smallest_normal * 2.0 ** -MANTISSA_BITS[dtype]
+    m = torch.randint(0, 16, (N,), generator=g).to(torch.float64)
+    sign = torch.randint(0, 2, (N,), generator=g).to(torch.float64) * 2 - 1
+    v = sign * m * tiny
+    v[torch.rand(N, generator=g) < 0.1] = fi.smallest_normal
+    return v
+
+
 def _score_rows(N, dtype, seed=0):
-    """Rows [5, N]: distinct values, heavy ties, all equal, NaN/inf/+-0/denormal mix, all NaN."""
+    """Rows [6, N]: distinct values, heavy ties, all equal, NaN/inf/+-0/denormal mix, all NaN,
+    subnormals of dtype (+-0, ties, smallest normal)."""
     g = _gen(seed)
     distinct = torch.randn(N, generator=g, dtype=torch.float64)
     ties = torch.randint(0, 4, (N,), generator=g).to(torch.float64)
@@ -173,7 +195,8 @@ def _score_rows(N, dtype, seed=0):
     special[(u >= 0.45) & (u < 0.50)] = 1e-40   # float32 denormal (0 in float16)
     special[(u >= 0.50) & (u < 0.55)] = -1e-40
     all_nan = torch.full((N,), float("nan"), dtype=torch.float64)
-    return torch.stack([distinct, ties, equal, special, all_nan]).to(dtype)
+    sub = _subnormals(N, dtype, g)
+    return torch.stack([distinct, ties, equal, special, all_nan, sub]).to(dtype)
 
 
 def _check_topk(s, ks):
@@ -190,6 +213,26 @@ def _check_topk(s, ks):
 def test_topk_matches_reference(N, dtype):
     s = _score_rows(N, dtype, seed=N).to(DEVICE)
     _check_topk(s, sorted({1, max(1, N // 3), max(1, N - 1), N}))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_topk_subnormals(dtype):
+    """Subnormals of every dtype rank by value: above +-0 (which tie), below the smallest normal."""
+    tiny = torch.finfo(dtype).smallest_normal * 2.0 ** -MANTISSA_BITS[dtype]
+    s = torch.tensor([[0.0, tiny, -tiny, 0.0]], dtype=torch.float64).to(dtype)
+    assert s[0, 1] > 0 and s[0, 2] < 0  # really subnormal values of dtype, not flushed
+    assert TSel.topk_indices(s.to(DEVICE), 1).cpu().tolist() == [[1]]
+    assert TSel.topk_indices(s.to(DEVICE), 3).cpu().tolist() == [[0, 1, 3]]
+    vals = [0.0, -0.0, tiny, -tiny, 2 * tiny, 3 * tiny, -2 * tiny,
+            torch.finfo(dtype).smallest_normal, float("nan"), float("-inf")]
+    row = torch.tensor(vals * 3, dtype=torch.float64)[torch.randperm(30, generator=_gen(6))]
+    s = row.reshape(1, 30).to(dtype).to(DEVICE)
+    _check_topk(s, list(range(1, 31)))
+    # FoPru rows whose sums differ only by subnormals (float64 row sums of the exact values).
+    s = torch.tensor([[0.0, 0.0, tiny, 0.0, -tiny, 0.0, 0.0, -0.0, tiny, tiny]],
+                     dtype=torch.float64).to(dtype).to(DEVICE)
+    x = torch.randn(1, 10, 3, generator=_gen(6)).to(dtype).to(DEVICE)
+    _check_fopru(x, s, list(range(1, 11)), "row", 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -216,7 +259,7 @@ def test_topk_noncontiguous_and_near_values():
     _check_topk(s, [1, 150, 151, 299])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=str)
 def test_gather_tokens(dtype, idx_dtype):
     g = _gen(2)
@@ -249,7 +292,7 @@ def _check_fopru(x, s, keeps, strategy, grid_width=0):
         assert torch.equal(tok.cpu(), tok_ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("strategy", ["rank", "row"])
 @pytest.mark.parametrize("N", [1, 49, 576])
 def test_fopru_select_square(N, strategy, dtype):
@@ -263,7 +306,7 @@ def test_fopru_select_square(N, strategy, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_fopru_select_grid_width(dtype):
     s = _score_rows(50, dtype, seed=4).to(DEVICE)
-    x = torch.randn(5, 50, 64, generator=_gen(4)).to(dtype).to(DEVICE).transpose(1, 2)
+    x = torch.randn(s.shape[0], 50, 64, generator=_gen(4)).to(dtype).to(DEVICE).transpose(1, 2)
     x = x.contiguous().transpose(1, 2)  # non-contiguous [B, N, D] view
     for gw, keeps in ((1, [1, 23, 50]), (10, [7, 23]), (5, [1, 23]), (50, [23, 50])):
         _check_fopru(x, s, keeps, "row", gw)
@@ -287,7 +330,7 @@ def test_fopru_select_row_ties_and_large():
 def test_fopru_select_multi_block(monkeypatch):
     monkeypatch.setattr(TSel, "_MAX_BLOCK", 32)
     s = _score_rows(100, torch.float32, seed=12).to(DEVICE)
-    x = torch.randn(5, 100, 3, generator=_gen(12)).to(DEVICE)
+    x = torch.randn(s.shape[0], 100, 3, generator=_gen(12)).to(DEVICE)
     _check_fopru(x, s, [1, 33], "row", 2)   # 50 rows of 2: rows stream in blocks
     _check_fopru(x, s, [33], "row", 50)     # 2 rows of 50: the partial row streams
 

@@ -58,6 +58,18 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+@triton.jit
+def _widen(x, ACC: tl.constexpr):
+    """x in the accumulation dtype, exactly. bfloat16 goes through its bits (bits << 16 is the
+    float32 pattern): the interpreter's own bfloat16 conversion mangles subnormals."""
+    if x.dtype.is_bf16():
+        y = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        y = y.to(ACC)
+    else:
+        y = x.to(ACC)
+    return y
+
+
 # --- cls_attention -------------------------------------------------------------------------
 
 @triton.jit
@@ -82,9 +94,9 @@ def _cls_logits_kernel(
     scale = tl.load(scale_ptr)
     for h in range(H):
         c = h * DH + d
-        qv = tl.load(q_ptr + b * q_sb + c * q_sc, mask=dmask, other=0.0).to(ACC)
-        kv = tl.load(k_ptr + b * k_sb + t[:, None].to(tl.int64) * k_st + c[None, :] * k_sc,
-                     mask=tmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+        qv = _widen(tl.load(q_ptr + b * q_sb + c * q_sc, mask=dmask, other=0.0), ACC)
+        kv = _widen(tl.load(k_ptr + b * k_sb + t[:, None].to(tl.int64) * k_st + c[None, :] * k_sc,
+                            mask=tmask[:, None] & dmask[None, :], other=0.0), ACC)
         logit = tl.sum(kv * qv[None, :], axis=1) * scale
         tl.store(lg_ptr + (b * H + h) * T + t, logit, mask=tmask)
 
@@ -173,7 +185,7 @@ def _patch_attention_kernel(
     colp_ptr,
     rowp_ptr,
     T, N, H, DH, NQB,
-    OFF: tl.constexpr, WITH_ROWS: tl.constexpr, ACC: tl.constexpr,
+    OFF: tl.constexpr, WITH_ROWS: tl.constexpr, ACC: tl.constexpr, WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Column (and row) sums of one head's attention over one block of query rows.
@@ -186,6 +198,9 @@ def _patch_attention_kernel(
         colp[b, h, qb, j - OFF] = sum_{i in block} P[i, j]
         rowp[b, h, i - OFF]     = sum_{j}          P[i, j]        (WITH_ROWS only)
     The host sums colp over qb and h (fixed order) and divides by H*N.
+    WIDEN (set by the launcher under the interpreter, for float16/bfloat16 inputs) converts the
+    q and k tiles to ACC before tl.dot: the interpreter's dot multiplies bfloat16 tiles as their
+    uint16 storage. On a GPU the tiles stay 16-bit (tensor cores, ACC accumulation).
     """
     bh = tl.program_id(0)
     qb = tl.program_id(1)
@@ -197,6 +212,8 @@ def _patch_attention_kernel(
     c = h * DH + d
     q = tl.load(q_ptr + b * q_sb + rows[:, None].to(tl.int64) * q_st + c[None, :] * q_sc,
                 mask=(rows < T)[:, None] & dmask[None, :], other=0.0)
+    if WIDEN:
+        q = _widen(q, ACC)
     scale = tl.load(scale_ptr)
     k_base = k_ptr + b * k_sb + c[:, None] * k_sc
 
@@ -206,6 +223,8 @@ def _patch_attention_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         kt = tl.load(k_base + cols[None, :].to(tl.int64) * k_st,
                      mask=dmask[:, None] & (cols < T)[None, :], other=0.0)
+        if WIDEN:
+            kt = _widen(kt, ACC)
         # "ieee": float32 inputs must not drop to TF32 (the reference is full float32).
         s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC) * scale
         s = tl.where((cols < T)[None, :], s, float("-inf"))
@@ -223,6 +242,8 @@ def _patch_attention_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         kt = tl.load(k_base + cols[None, :].to(tl.int64) * k_st,
                      mask=dmask[:, None] & (cols < T)[None, :], other=0.0)
+        if WIDEN:
+            kt = _widen(kt, ACC)
         s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC) * scale
         col_patch = (cols >= OFF) & (cols < T)
         p = tl.exp(s - m[:, None]) * inv_l[:, None]
@@ -263,6 +284,7 @@ def _patch_sums(q, k, num_heads, scale, has_cls, with_rows):
         k, k.stride(0), k.stride(1), k.stride(2),
         scale_t, colp, rowp, T, N, H, DH, nqb,
         OFF=1 if has_cls else 0, WITH_ROWS=bool(with_rows), ACC=_tl_acc(q.dtype),
+        WIDEN=_interpreting() and q.dtype != acc,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
     # Small [B, H, nqb, N] -> [B, N] reductions: torch's (non-atomic) sums are deterministic.

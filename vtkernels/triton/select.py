@@ -4,13 +4,16 @@ Ranking rule (ALGORITHMS.md, reference.rank_order): higher score first; equal sc
 lower position first; NaN ranks below every number (below -inf); -0.0 equals +0.0. Indices
 are bit-identical to the reference because the ranking is done on exact integer keys:
 
-  key(x)  for float16/bfloat16/float32 scores: x -> float32 (exact), b = bits(x) as int32,
-          key = b ^ ((b >> 31) & 0x7FFFFFFF), except that both zeros get key 0 (so
-          -0.0 == +0.0) and every NaN gets INT32_MIN (below -inf's key 0x807FFFFF).
-          For float64 scores the same with int64 and 0x7FFF_FFFF_FFFF_FFFF.
-          Signed integer order of the keys is the score order (the int32 keys of float32
-          values order exactly like the int64 keys of the same values, so converting
-          lower-precision scores to float64, as the reference does, changes nothing).
+  key(x)  for float32 scores: b = bits(x) as int32, key = b ^ ((b >> 31) & 0x7FFFFFFF),
+          except that both zeros get key 0 (so -0.0 == +0.0) and every NaN gets INT32_MIN
+          (below -inf's key 0x807FFFFF). For float64 scores the same with int64 and
+          0x7FFF_FFFF_FFFF_FFFF. For float16/bfloat16 scores the same on the raw 16-bit
+          pattern, sign-extended to int32 (mask 0x7FFF; NaN: magnitude above 0x7C00 / 0x7F80):
+          no float conversion at all, so subnormals keep their value everywhere (the Triton
+          interpreter's bfloat16 -> float32 conversion mangles subnormals).
+          Signed integer order of the keys is the score order, and keys are only compared
+          within one row of one dtype, so ranking the scores' own bits ranks exactly like the
+          reference's float64 copy of them.
 
   top k   tau = the k-th largest key, found bit by bit, high to low: start from INT_MIN; take
           0 if count(key >= 0) >= k; then for each lower bit, cand = tau | bit and
@@ -57,7 +60,7 @@ def _rank_key(x, KEY64: tl.constexpr):
     """Order-preserving signed integer key (see the module docstring).
 
     Zero and NaN are recognised from the bits, not by float compares, so a flush-to-zero
-    compare can never merge a denormal with zero.
+    compare can never merge a denormal with zero. KEY64 keys take float64 x.
     """
     if KEY64:
         bits = x.to(tl.float64).to(tl.int64, bitcast=True)
@@ -65,6 +68,17 @@ def _rank_key(x, KEY64: tl.constexpr):
         key = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
         key = tl.where(mag == 0, 0, key)  # -0.0 ranks as +0.0
         key = tl.where(mag > 0x7FF0000000000000, -9223372036854775807 - 1, key)  # NaN
+    elif x.dtype.is_fp16() or x.dtype.is_bf16():
+        # Raw 16-bit pattern, sign-extended: bits >> 31 is the sign, bits & 0x7FFF the
+        # magnitude pattern, exactly as for float32 one size down.
+        bits = x.to(tl.int16, bitcast=True).to(tl.int32)
+        mag = bits & 0x7FFF
+        key = bits ^ ((bits >> 31) & 0x7FFF)
+        key = tl.where(mag == 0, 0, key)
+        if x.dtype.is_fp16():
+            key = tl.where(mag > 0x7C00, -2147483647 - 1, key)
+        else:
+            key = tl.where(mag > 0x7F80, -2147483647 - 1, key)
     else:
         bits = x.to(tl.float32).to(tl.int32, bitcast=True)
         mag = bits & 0x7FFFFFFF
@@ -72,6 +86,18 @@ def _rank_key(x, KEY64: tl.constexpr):
         key = tl.where(mag == 0, 0, key)
         key = tl.where(mag > 0x7F800000, -2147483647 - 1, key)
     return key
+
+
+@triton.jit
+def _to_f64(x):
+    """x as float64, exactly: bfloat16 goes through its bits (bits << 16 is the float32 pattern)
+    because the interpreter's bfloat16 conversion mangles subnormals; the rest convert as is."""
+    if x.dtype.is_bf16():
+        y = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        y = y.to(tl.float64)
+    else:
+        y = x.to(tl.float64)
+    return y
 
 
 @triton.jit
@@ -250,7 +276,7 @@ def _row_sums_kernel(
     base = s_ptr + b * s_sb + (i.to(tl.int64) * W) * s_sn
     acc = tl.zeros([BLOCK_R], tl.float64)
     for w in range(W):
-        acc += tl.load(base + w * s_sn, mask=imask, other=0.0).to(tl.float64)
+        acc += _to_f64(tl.load(base + w * s_sn, mask=imask, other=0.0))
     tl.store(rs_ptr + b * R + i, acc, mask=imask)
 
 
