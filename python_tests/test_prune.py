@@ -370,6 +370,83 @@ def test_prumerge_nonfinite(bk):
     assert_close(tok.cpu(), want_t, atol=1e-9, rtol=1e-9, equal_nan=True)
 
 
+# --- regressions: empty batch, exact float64 ties -------------------------------------------------
+
+def _impls(bk):
+    """(vispruner_select, prumerge, device) of a backend, or of the reference ("ref")."""
+    return (ref.vispruner_select, ref.prumerge, "cpu") if bk == "ref" else backend(bk)
+
+
+@pytest.mark.parametrize("bk", ["ref"] + BACKENDS)
+def test_empty_batch(bk):
+    """B = 0 used to crash the process (C++ pooled count read v[0] of an empty vector and divided
+    by B) and failed in the reference and the Triton launcher. Now: no rows, M = 2 (the fake
+    kernel's minimum size), empty int64 lengths; empty int64 indices for vispruner."""
+    vis, pm, dev = _impls(bk)
+    x, keys, s = to(dev, torch.randn(0, 9, 4), torch.randn(0, 9, 3), torch.randn(0, 9))
+    for per_sample in (False, True):
+        for plus in (False, True):
+            tok, lengths = pm(x, keys, s, 32, plus, per_sample)
+            assert tok.shape == (0, 2, 4) and tok.dtype == x.dtype
+            assert lengths.shape == (0,) and lengths.dtype == torch.int64
+    for ratio in (0.0, 0.5, 1.0):
+        idx = vis(x.double(), s, 3, ratio, 8)
+        assert idx.shape == (0, 3) and idx.dtype == torch.int64
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+def test_prumerge_float64_tied_cosines(bk):
+    """Exactly tied cosines: keys 1 and 2 are equally close to key 0 (cos = 0.7071...). The
+    similarity must be the product of normalised rows on every backend (the C++ kernel divided a
+    raw-key product by the norm afterwards, rounded differently and merged token 2)."""
+    _, pm, dev = backend(bk)
+    keys = torch.tensor([[[3, 1], [0.7, 1.4], [3, 6], [-1, 0]]], dtype=torch.float64)
+    x = torch.eye(4, dtype=torch.float64)[None]
+    s = torch.tensor([[1, .1, .1, .1]], dtype=torch.float64)
+    want = ref.prumerge(x, keys, s, 1, False, True)
+    assert torch.equal(want[0][0, 0], torch.tensor([1, .1, 0, 0], dtype=torch.float64))  # merges token 1
+    tok, lengths = pm(*to(dev, x, keys, s), 1, False, True)
+    assert torch.equal(lengths.cpu(), want[1]) and torch.equal(tok.cpu(), want[0])
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+def test_vispruner_float64_exact_ties(bk):
+    """Orthogonal / duplicated integer features: a subset product (C++, Triton) rounded a 0 to
+    -2.2e-17 where the reference's full product gave an exact 0. Every backend now forms the
+    same per-image product (reference.vispruner_similarity)."""
+    vis, _, dev = backend(bk)
+    x = torch.tensor([[0, 1], [-1, 0], [-1, -1], [-1, 0], [0, -1], [0, 1], [1, 0], [-1, 1], [1, 0], [0, -1],
+                      [1, 1], [1, 0]], dtype=torch.float64)[None]
+    s = torch.tensor([[2, 1, 0, 1, 2, 0, 2, 2, 2, 1, 2, 2]], dtype=torch.float64)
+    want = ref.vispruner_select(x, s, 2, 0.0, 1)
+    assert want.tolist() == [[2, 6]]
+    assert torch.equal(vis(*to(dev, x, s), 2, 0.0, 1).cpu(), want)
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+def test_float64_exact_ties_random(bk):
+    """Integer-valued, heavily duplicated features and keys (exact ties everywhere) and dyadic
+    scores (exact sums): float64 results equal the reference's bit for bit."""
+    vis, pm, dev = backend(bk)
+    f64 = torch.float64
+    for seed in range(40):  # a few hundred such cases were checked by hand
+        g = _gen(1000 + seed)
+        B, N, C = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(2, 40, (1,), generator=g)), \
+            int(torch.randint(1, 5, (1,), generator=g))
+        x = torch.randint(-2, 3, (B, N, C), generator=g).to(f64)
+        s = torch.randint(0, 3, (B, N), generator=g).to(f64)
+        keep = int(torch.randint(1, N + 1, (1,), generator=g))
+        ratio, step = (0.0, 0.25, 0.5)[seed % 3], (1, 2, 8)[seed // 3 % 3]
+        want = ref.vispruner_select(x, s, keep, ratio, step)
+        assert torch.equal(vis(*to(dev, x, s), keep, ratio, step).cpu(), want), seed
+        keys = torch.randint(-2, 3, (B, N, C), generator=g).to(f64)
+        w = torch.randint(0, 9, (B, N), generator=g).to(f64) / 8
+        knn, plus, per_sample = int(torch.randint(1, 6, (1,), generator=g)), bool(seed % 2), bool(seed // 2 % 2)
+        want_t, want_l = ref.prumerge(x, keys, w, knn, plus, per_sample)
+        tok, lengths = pm(*to(dev, x, keys, w), knn, plus, per_sample)
+        assert torch.equal(lengths.cpu(), want_l) and torch.equal(tok.cpu(), want_t), seed
+
+
 # --- registration, fakes, errors ------------------------------------------------------------------
 
 def test_opcheck_vispruner():

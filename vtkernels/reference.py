@@ -16,8 +16,8 @@ from . import _validate as V
 __all__ = [
     "acc_dtype", "rank_order", "attention_probs", "cls_attention", "attention_received",
     "fopru_significance", "topk_indices", "gather_tokens", "fopru_row_indices", "fopru_select",
-    "l2_normalize", "vispruner_counts", "vispruner_dedup", "vispruner_select", "iqr_upper_bound",
-    "prumerge_counts", "prumerge_samples", "prumerge",
+    "l2_normalize", "vispruner_similarity", "vispruner_counts", "vispruner_dedup", "vispruner_select", "iqr_upper_bound",
+    "prumerge_counts", "prumerge_samples", "prumerge_similarity", "prumerge",
 ]
 
 
@@ -127,6 +127,31 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+# How the similarities are formed is part of the contract in float64: every backend (C++, Triton)
+# calls exactly these ATen ops, on the same shapes and layouts, so that the matrix products round
+# identically and exact-tie inputs resolve the same way. BLAS rounds differently across shapes
+# (blocking, fused multiply-adds: e.g. -2.2e-17 against an exact 0 for orthogonal rows), so a
+# subset product, a batched product or a matrix-vector product can differ from these in the last
+# bit. One product per image (not one batched product): an image's result never depends on the
+# rest of the batch.
+
+def vispruner_similarity(x: torch.Tensor) -> torch.Tensor:
+    """VisPruner's cosine similarities: [B, N, N], one product xn[b] @ xn[b].T per image
+    (xn = l2_normalize(x) in the accumulation dtype). Entry [b, i, j] is tokens i, j of image b."""
+    xn = l2_normalize(x.to(acc_dtype(x.dtype)))
+    B, N = x.shape[0], x.shape[1]
+    if B == 0:
+        return xn.new_zeros((0, N, N))
+    return torch.stack([xn[b] @ xn[b].T for b in range(B)])
+
+
+def prumerge_similarity(kn_b: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """PruMerge's key similarities of one image: [K, N], row t = the kept token kept[t] against
+    every token. kn_b: [N, Ck] L2-normalised keys (l2_normalize of keys in the accumulation
+    dtype); kept: int64 [K] positions. One product per image."""
+    return kn_b[kept] @ kn_b.T
+
+
 def vispruner_counts(keep: int, important_ratio: float) -> tuple[int, int]:
     """(T_imp, T_div): floor(keep * ratio) in float64, as the published int(T * r)."""
     n_imp = int(keep * important_ratio)
@@ -166,16 +191,17 @@ def vispruner_select(x, scores, keep: int, important_ratio: float = 0.5, dedup_s
     B, N, C = x.shape
     n_imp, n_div = vispruner_counts(keep, important_ratio)
     order = rank_order(scores)
-    xn = l2_normalize(x.to(acc_dtype(x.dtype)))
+    sims = vispruner_similarity(x) if n_div > 0 else None  # the similarities, once per image
     out = []
     for b in range(B):
         important = order[b, :n_imp].tolist()
         selected = important
         if n_div > 0:
             residual = order[b, n_imp:].tolist()
-            sim = xn[b] @ xn[b].T
-            selected = important + vispruner_dedup(sim, residual, n_div, dedup_step)
+            selected = important + vispruner_dedup(sims[b], residual, n_div, dedup_step)
         out.append(sorted(selected))
+    if B == 0:
+        return torch.empty((0, keep), dtype=torch.int64, device=scores.device)
     return torch.tensor(out, dtype=torch.int64, device=scores.device).reshape(B, keep)
 
 
@@ -211,6 +237,8 @@ def prumerge_counts(scores, per_sample: bool = True) -> list:
     """
     s = scores.to(acc_dtype(scores.dtype))
     B, N = s.shape
+    if B == 0:
+        return []
     if per_sample:
         counts = [int((s[b] > iqr_upper_bound(s[b])).sum()) for b in range(B)]
     else:
@@ -240,9 +268,10 @@ def prumerge(x, keys, scores, knn: int = 32, plus: bool = False, per_sample: boo
         wb = scores[b].to(dt)
         merged = []
         every = torch.arange(N, device=x.device)
-        for i in kept:
+        sims = prumerge_similarity(kn[b], torch.tensor(kept, dtype=torch.int64, device=x.device))
+        for t, i in enumerate(kept):
             cand = torch.cat([every[:i], every[i + 1:]])  # every other token, ascending
-            sim = kn[b, cand] @ kn[b, i]
+            sim = sims[t, cand]
             sim = torch.where(torch.isnan(sim), torch.full_like(sim, -float("inf")), sim)
             near = cand[rank_order(sim[None])[0, :knn]]  # fewer than knn candidates: all of them
             merged.append(xb[i] + (wb[near, None] * xb[near]).sum(dim=0))
@@ -251,7 +280,7 @@ def prumerge(x, keys, scores, knn: int = 32, plus: bool = False, per_sample: boo
         summary = (wb[pruned, None] * xb[pruned]).sum(dim=0)
         rows.append(torch.stack(merged + [summary]))
         lengths.append(len(kept) + 1)
-    M = max(lengths)
+    M = max(lengths, default=2)  # B = 0: the fake kernel's minimum (a kept token + the summary)
     out = x.new_zeros((B, M, D))
     for b in range(B):
         out[b, :lengths[b]] = rows[b].to(x.dtype)

@@ -1,12 +1,17 @@
 // CPU kernels of the pruning ops: vispruner_select and prumerge (ALGORITHMS.md).
 //
-// Both compute their cosine similarities with one batched matrix product (all threads), then
-// work per image (or per output row) on the cached product:
-// - vispruner_select: the similarities of the residual tokens only, [R0, R0] per image, once; the
+// Both compute their cosine similarities once, one matrix product per image (BLAS, all threads),
+// then work per image (or per output row) on the cached product:
+// - vispruner_select: the similarities of all tokens, [N, N] per image, once; the
 //   duplicate-removal rounds then only read that matrix (the published code re-gathers and
 //   re-multiplies the residual features every round).
 // - prumerge: the similarities of every kept token to every token, [K, N] per image; each output
 //   row is then its top-knn selection and weighted sum, in one pass over the row.
+// The products are formed with exactly the ATen calls of reference.vispruner_similarity and
+// reference.prumerge_similarity (same normalisation, same shapes and layouts): BLAS rounds
+// differently across shapes (a subset, batched or matrix-vector product can differ in the last
+// bit, e.g. -2.2e-17 against an exact 0), and float64 results must equal the reference's
+// exactly, exact ties included.
 // Ranking follows the universal tie rule through rank_key (higher first, equal -> lower position
 // first, NaN lowest). Similarities and sums are float32, float64 for float64 inputs.
 #include <ATen/ATen.h>
@@ -64,41 +69,11 @@ at::Tensor rank_order(const at::Tensor& scores) {
   return order;
 }
 
-// L2 norms of the rows of x [B, N, C] in the accumulation dtype, clamped at 1e-12 (F.normalize's
-// rule: a zero row stays zero, no NaN): [B, N].
-at::Tensor row_norms(const at::Tensor& x) {
-  return at::linalg_vector_norm(x, 2, {-1}, /*keepdim=*/false, acc_type_of(x.scalar_type())).clamp_min(1e-12);
-}
-
-// Rows idx [B, K] of x [B, N, C] divided by their norms: [B, K, C], accumulation dtype. One pass
-// into one buffer (gathering and normalising separately costs two more buffers of this size).
-// Dividing (not scaling by a reciprocal) with ATen's norms gives the values of
-// reference.l2_normalize, so the Triton launcher forms the same products from CPU tensors.
-at::Tensor normalized_rows(const at::Tensor& x, const at::Tensor& norms, const at::Tensor& idx) {
-  const int64_t B = x.size(0), C = x.size(2), K = idx.size(1);
-  auto out = at::empty({B, K, C}, norms.options());
-  at::Tensor ix = idx.contiguous();
-  const int64_t* ip = ix.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "vtk_normalized_rows", [&] {
-    using acc_t = scalar_t;
-    const acc_t* np = norms.const_data_ptr<acc_t>();
-    acc_t* op = out.data_ptr<acc_t>();
-    const int64_t N = norms.size(1);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vtk_normalized_rows_x", [&] {
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const int64_t sb = x.stride(0), sn = x.stride(1), sd = x.stride(2);
-      at::parallel_for(0, B * K, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t b = r / K, j = ip[r];
-          const scalar_t* src = xp + b * sb + j * sn;
-          const acc_t n = np[b * N + j];
-          acc_t* dst = op + r * C;
-          for (int64_t d = 0; d < C; ++d) dst[d] = static_cast<acc_t>(src[d * sd]) / n;
-        }
-      });
-    });
-  });
-  return out;
+// reference.l2_normalize(x.to(acc_dtype)): the same ATen ops (Tensor.norm(dim=-1) is
+// linalg_vector_norm with ord 2), hence the same values and the same layout.
+at::Tensor l2_normalized(const at::Tensor& x) {
+  at::Tensor xa = x.to(acc_type_of(x.scalar_type()));
+  return xa / at::linalg_vector_norm(xa, 2, {-1}, /*keepdim=*/true, std::nullopt).clamp_min(1e-12);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -117,8 +92,9 @@ void check_vispruner(const at::Tensor& x, const at::Tensor& scores, int64_t keep
   TORCH_CHECK_VALUE(dedup_step >= 1, "dedup_step must be >= 1, got ", dedup_step);
 }
 
-// The duplicate-removal rounds of one image. S: [R0, R0] similarities of the residual tokens in
-// their initial list order; `list` holds indices into that order and ends with n_div entries.
+// The duplicate-removal rounds of one image. S: [N, N] similarities of all tokens (row-major);
+// res: the R0 residual positions, best first. `list` holds token positions and ends with the
+// n_div selected ones.
 //
 // Reading of ALGORITHMS.md (as the published code): the a-entries (even list positions) are
 // scored by their highest similarity to any b-entry (odd positions); the r best-matched a-entries
@@ -126,11 +102,11 @@ void check_vispruner(const at::Tensor& x, const at::Tensor& scores, int64_t keep
 // scores keeping the lower list position first (a stable version of the published argsort).
 // NaN similarities never win a max (same as NaN -> -inf; a cosine is never -inf).
 template <typename acc_t>
-void dedup_rounds(const acc_t* S, int64_t R0, int64_t n_div, int64_t step, std::vector<int32_t>& list,
+void dedup_rounds(const acc_t* S, int64_t N, const int64_t* res, int64_t R0, int64_t n_div, int64_t step,
+                  std::vector<int32_t>& list,
                   std::vector<int32_t>& next, std::vector<int32_t>& bidx,
                   std::vector<std::pair<key_t<acc_t>, int64_t>>& ranked) {
-  list.resize(R0);
-  std::iota(list.begin(), list.end(), 0);
+  list.assign(res, res + R0);
   while (true) {
     const int64_t R = static_cast<int64_t>(list.size());
     const int64_t r = std::min(step, R - n_div);
@@ -140,7 +116,7 @@ void dedup_rounds(const acc_t* S, int64_t R0, int64_t n_div, int64_t step, std::
     for (int64_t j = 0; j < nb; ++j) bidx[j] = list[2 * j + 1];
     ranked.resize(na);
     for (int64_t i = 0; i < na; ++i) {
-      const acc_t* row = S + static_cast<int64_t>(list[2 * i]) * R0;
+      const acc_t* row = S + static_cast<int64_t>(list[2 * i]) * N;
       // Four running maxima: independent chains hide the latency of the gathered loads.
       acc_t m0 = -std::numeric_limits<acc_t>::infinity(), m1 = m0, m2 = m0, m3 = m0;
       int64_t j = 0;
@@ -178,16 +154,13 @@ at::Tensor vispruner_select_cpu(const at::Tensor& x, const at::Tensor& scores, i
   int64_t* op = out.data_ptr<int64_t>();
 
   const bool rounds = n_div > 0 && R0 > n_div;
-  at::Tensor S;
+  // reference.vispruner_similarity: one product xn[b] @ xn[b].T per image, [N, N], all tokens.
+  std::vector<at::Tensor> S;
   if (rounds) {
-    // One product per image, residual tokens only, in their list order: row/column t of S is the
-    // t-th residual token.
-    at::Tensor res = order.narrow(1, n_imp, R0);
-    at::Tensor xr = normalized_rows(x, row_norms(x), res);
-    S = at::bmm(xr, xr.transpose(1, 2)).contiguous();
+    at::Tensor xn = l2_normalized(x);
+    for (int64_t b = 0; b < B; ++b) S.push_back(at::matmul(xn.select(0, b), xn.select(0, b).t()).contiguous());
   }
-  AT_DISPATCH_FLOATING_TYPES(rounds ? S.scalar_type() : acc_type_of(x.scalar_type()), "vispruner_select_cpu", [&] {
-    const scalar_t* Sp = rounds ? S.const_data_ptr<scalar_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(acc_type_of(x.scalar_type()), "vispruner_select_cpu", [&] {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<int32_t> list, next, bidx;
       std::vector<std::pair<key_t<scalar_t>, int64_t>> ranked;
@@ -197,8 +170,9 @@ at::Tensor vispruner_select_cpu(const at::Tensor& x, const at::Tensor& scores, i
         std::copy(ord, ord + n_imp, o);
         if (n_div > 0) {
           if (rounds) {
-            dedup_rounds(Sp + b * R0 * R0, R0, n_div, dedup_step, list, next, bidx, ranked);
-            for (int64_t t = 0; t < n_div; ++t) o[n_imp + t] = ord[n_imp + list[t]];
+            dedup_rounds(S[b].const_data_ptr<scalar_t>(), N, ord + n_imp, R0, n_div, dedup_step, list, next, bidx,
+                         ranked);
+            for (int64_t t = 0; t < n_div; ++t) o[n_imp + t] = list[t];
           } else {  // R0 == n_div: nothing to remove
             std::copy(ord + n_imp, ord + n_imp + n_div, o + n_imp);
           }
@@ -261,6 +235,7 @@ template <typename T>
 std::vector<int64_t> outlier_counts(const T* s, int64_t B, int64_t N, bool per_sample) {
   std::vector<int64_t> counts(B, 0);
   std::vector<T> buf;
+  if (B == 0) return counts;  // nothing to pool (and no division by B)
   if (per_sample) {
     for (int64_t b = 0; b < B; ++b) {
       buf.assign(s + b * N, s + (b + 1) * N);
@@ -283,6 +258,9 @@ std::tuple<at::Tensor, at::Tensor> prumerge_cpu(const at::Tensor& x, const at::T
                                                 bool per_sample) {
   check_prumerge(x, keys, scores, knn);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  if (B == 0)  // M = 2, the fake kernel's minimum (a kept token + the summary)
+    return {at::zeros({0, 2, D}, x.options().memory_format(at::MemoryFormat::Contiguous)),
+            at::empty({0}, scores.options().dtype(at::kLong))};
   at::Tensor order = rank_order(scores);
   const int64_t* ordp = order.const_data_ptr<int64_t>();
 
@@ -309,26 +287,22 @@ std::tuple<at::Tensor, at::Tensor> prumerge_cpu(const at::Tensor& x, const at::T
   }
   const int64_t M = KM + 1;  // + the summary token
   auto lengths = at::empty({B}, scores.options().dtype(at::kLong));
-  auto kept_t = at::zeros({B, KM}, scores.options().dtype(at::kLong));
-  for (int64_t b = 0; b < B; ++b) {
-    lengths.data_ptr<int64_t>()[b] = static_cast<int64_t>(kept[b].size()) + 1;
-    std::copy(kept[b].begin(), kept[b].end(), kept_t.data_ptr<int64_t>() + b * KM);
-  }
+  for (int64_t b = 0; b < B; ++b) lengths.data_ptr<int64_t>()[b] = static_cast<int64_t>(kept[b].size()) + 1;
 
-  // Similarity of every kept token to every token: one batched product, [B, KM, N].
-  // The keys of all N tokens are not normalised into a copy: the product uses the raw keys and
-  // its columns are divided by their norms afterwards.
-  at::Tensor norms = row_norms(keys);
-  at::Tensor kk = normalized_rows(keys, norms, kept_t);
-  at::Tensor sim = at::bmm(kk, keys.to(kk.scalar_type()).transpose(1, 2));
-  sim.div_(norms.unsqueeze(1));
-  sim = sim.contiguous();
+  // Similarity of every kept token to every token, reference.prumerge_similarity: every key row
+  // normalised first, then one product kn[b][kept] @ kn[b].T per image, [K, N].
+  at::Tensor kn = l2_normalized(keys);
+  std::vector<at::Tensor> sim(B);
+  for (int64_t b = 0; b < B; ++b) {
+    at::Tensor idx = at::tensor(c10::ArrayRef<int64_t>(kept[b]), scores.options().dtype(at::kLong));
+    at::Tensor knb = kn.select(0, b);
+    sim[b] = at::matmul(knb.index_select(0, idx), knb.t()).contiguous();
+  }
 
   auto out = at::zeros({B, M, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n_near = std::min(knn, N - 1);  // fewer candidates than knn: all of them
-  AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "prumerge_cpu_sim", [&] {
+  AT_DISPATCH_FLOATING_TYPES(kn.scalar_type(), "prumerge_cpu_sim", [&] {
     using sim_t = scalar_t;
-    const sim_t* simp = sim.const_data_ptr<sim_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "prumerge_cpu", [&] {
       using acc_t = compute_t<scalar_t>;
       at::Tensor w_t = s_acc.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();  // raw scores as weights
@@ -358,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> prumerge_cpu(const at::Tensor& x, const at::T
           std::fill(acc.begin(), acc.end(), acc_t(0));
           if (i < K) {
             const int64_t me = kept[b][i];
-            const sim_t* srow = simp + (b * KM + i) * N;
+            const sim_t* srow = sim[b].const_data_ptr<sim_t>() + i * N;
             cand.clear();
             for (int64_t j = 0; j < N; ++j)
               if (j != me) cand.push_back({rank_key(srow[j]), j});

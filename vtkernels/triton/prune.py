@@ -1,9 +1,10 @@
 """Triton kernels for the pruning ops: vispruner_select and prumerge (ALGORITHMS.md).
 
 vispruner_select. Host side, all on the device: rank the scores, take the residual tokens (all
-but the T_imp best, best first), normalise their features and form their cosine similarities
-once, S = Xr Xr^T ([B, R0, R0], one batched product). Then ONE program per image runs every
-duplicate-removal round: with the list L (length R, indices into S),
+but the T_imp best, best first), normalise the features and form their cosine similarities
+once, S = Xn Xn^T ([B, N, N], one product per image, reference.vispruner_similarity). Then ONE
+program per image runs every duplicate-removal round: with the list L (length R, token positions,
+initially the residual tokens best first),
 
     a = L[0::2], b = L[1::2],   match[i] = max_j S[a_i, b_j],
     L <- [a_i for i in argsort(match, descending, stable)[min(r, |a|):]] + b,   r = min(step, R - T_div)
@@ -15,8 +16,14 @@ the host knows the number of rounds and nothing waits for the device.
 
 prumerge. Host side, on the device: the IQR counts (sorted scores, numpy's 'linear' quartiles),
 the kept lists (k best, then the PruMerge+ samples), the similarity of every kept token to every
-token ([B, K, N], one batched product) and the pruned-token weights. The only host wait: the
-output size M = max(kept) + 1. Then one program per block of output rows: for each kept token,
+token ([K, N] per image, one product per image, reference.prumerge_similarity) and the
+pruned-token weights. The only host wait: the kept counts (the output size M = max(kept) + 1
+and the per-image product shapes).
+
+The similarities come from the reference's own functions: BLAS rounds differently across
+shapes (a subset, batched or matrix-vector product can differ in the last bit), and float64
+results must equal the reference's exactly, exact ties included (on CPU tensors, the
+interpreter, also bit-identical to the C++ kernels, which make the same ATen calls). Then one program per block of output rows: for each kept token,
 the top-knn selection over its similarity row (repeated arg-max, ties to the lower position)
 fused with the weighted sum of those rows of x; one more program per image writes the summary
 row, the sum of s_j x_j over the pruned tokens.
@@ -41,21 +48,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
-def _normalized_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows idx [B, K] of t [B, N, C], L2-normalised in the accumulation dtype: [B, K, C]."""
-    rows = t.gather(1, idx[:, :, None].expand(-1, -1, t.shape[2]))
-    return ref.l2_normalize(rows.to(ref.acc_dtype(t.dtype)))
-
-
 # --- vispruner_select ---------------------------------------------------------------------------
 
 @triton.jit
-def _vispruner_dedup_kernel(S_ptr, stride_sb, L_ptr, stride_lb, M_ptr, stride_mb, R0, n_div, step, n_rounds,
+def _vispruner_dedup_kernel(S_ptr, stride_sb, stride_sn, L_ptr, stride_lb, M_ptr, stride_mb, R0, n_div, step, n_rounds,
                             BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """All duplicate-removal rounds of one image.
 
-    S: [R0, R0] similarities (row-major); L: two list buffers of R0 int32 each, buffer 0 holding
-    0..R0-1 on entry; M: (R0 + 1) // 2 scratch for the match scores. After n_rounds the list
+    S: [N, N] similarities (row stride stride_sn); L: two list buffers of R0 int32 each, buffer
+    0 holding the residual token positions (best first) on entry; M: (R0 + 1) // 2 scratch for the match scores. After n_rounds the list
     (length T_div) is in buffer n_rounds % 2. Match scores rank high first, equal scores keep
     the lower a-position first; NaN similarities count as -inf (no cosine is -inf).
     """
@@ -81,7 +82,7 @@ def _vispruner_dedup_kernel(S_ptr, stride_sb, L_ptr, stride_lb, M_ptr, stride_mb
                 jb = b0 + tl.arange(0, BLOCK_B)
                 bm = jb < nb
                 tb = tl.load(src + 2 * jb + 1, mask=bm, other=0)
-                v = tl.load(S + ta[:, None] * R0 + tb[None, :], mask=am[:, None] & bm[None, :], other=neg_inf)
+                v = tl.load(S + ta[:, None].to(tl.int64) * stride_sn + tb[None, :], mask=am[:, None] & bm[None, :], other=neg_inf)
                 v = tl.where(v == v, v, neg_inf)
                 best = tl.maximum(best, tl.max(v, axis=1))
             tl.store(Mb + ia, best, mask=am)
@@ -129,23 +130,22 @@ def vispruner_select(x: torch.Tensor, scores: torch.Tensor, keep: int, important
     order = ref.rank_order(scores)
     R0 = N - n_imp
     rounds = _dedup_rounds(R0, n_div, dedup_step)
-    if rounds == 0:  # T_div = 0, or no residual token to remove: the keep best
+    if rounds == 0 or B == 0:  # T_div = 0, or no residual token to remove: the keep best
         return order[:, :keep].sort(dim=1).values
     residual = order[:, n_imp:]
-    xr = _normalized_rows(x, residual)
-    S = torch.bmm(xr, xr.transpose(1, 2))  # [B, R0, R0], the only product
+    S = ref.vispruner_similarity(x).contiguous()  # [B, N, N], the only products (see the top)
     lists = torch.empty(B, 2, R0, dtype=torch.int32, device=x.device)
-    lists[:, 0] = torch.arange(R0, dtype=torch.int32, device=x.device)
+    lists[:, 0] = residual.to(torch.int32)
     match = torch.empty(B, (R0 + 1) // 2, dtype=S.dtype, device=x.device)
     if _interpreting():  # big tiles: fewer interpreted loop iterations
         block_a = block_b = min(512, triton.next_power_of_2((R0 + 1) // 2))
         warps = 4
     else:  # one CTA per image walks every round: wide tiles keep many gathers in flight
         block_a, block_b, warps = 64, 128, 8
-    _vispruner_dedup_kernel[(B,)](S, S.stride(0), lists, lists.stride(0), match, match.stride(0), R0, n_div,
+    _vispruner_dedup_kernel[(B,)](S, S.stride(0), S.stride(1), lists, lists.stride(0), match, match.stride(0), R0, n_div,
                                   dedup_step, rounds, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps)
-    final = lists[:, rounds % 2, :n_div].to(torch.int64)
-    selected = torch.cat([order[:, :n_imp], residual.gather(1, final)], dim=1)
+    final = lists[:, rounds % 2, :n_div].to(torch.int64)  # token positions
+    selected = torch.cat([order[:, :n_imp], final], dim=1)
     return selected.sort(dim=1).values
 
 
@@ -250,6 +250,8 @@ def prumerge(x: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, knn: int
              per_sample: bool = True):
     B, N, D, Ck = V.check_prumerge(x, keys, scores, knn, plus, per_sample)
     dev = x.device
+    if B == 0:  # M = 2, the fake kernel's minimum (a kept token + the summary)
+        return x.new_zeros((0, 2, D)), torch.empty(0, dtype=torch.int64, device=dev)
     counts = _outlier_counts(scores, per_sample)
     order = ref.rank_order(scores)
     pos = torch.arange(N, device=dev)
@@ -262,8 +264,9 @@ def prumerge(x: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, knn: int
         samples = torch.zeros_like(kept_mask)
     n_kept = counts + samples.sum(dim=1)
     lengths = n_kept + 1
-    M = int(lengths.max())  # the one wait for the device: the output size
-    KM = M - 1
+    nk = n_kept.tolist()  # the one wait for the device: the output size and the product shapes
+    KM = max(nk)
+    M = KM + 1
     col = torch.arange(KM, device=dev).expand(B, KM)
     sample_pos = torch.where(samples, pos, N).sort(dim=1).values  # samples ascending, then N
     kept = torch.where(col < counts[:, None], order.gather(1, col.clamp(max=N - 1)),
@@ -274,7 +277,9 @@ def prumerge(x: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, knn: int
     w = scores.to(ref.acc_dtype(scores.dtype)).to(acc).contiguous()  # raw scores as weights
     wsum = torch.where(kept_mask | samples, 0.0, w).contiguous()
     kn = ref.l2_normalize(keys.to(ref.acc_dtype(keys.dtype)))
-    sim = torch.bmm(kn.gather(1, kept[:, :, None].expand(-1, -1, Ck)), kn.transpose(1, 2))  # [B, KM, N]
+    sim = kn.new_zeros((B, KM, N))  # rows past an image's kept count: padding, never read
+    for b in range(B):  # one product per image, as the reference (see the top)
+        sim[b, :nk[b]] = ref.prumerge_similarity(kn[b], kept[b, :nk[b]])
     out = torch.zeros(B, M, D, dtype=x.dtype, device=dev)
     n_near = min(knn, N - 1)  # fewer candidates than knn: all of them
     block_n = triton.next_power_of_2(N)
