@@ -1,7 +1,7 @@
 // CPU kernels of the scoring ops: cls_attention, attention_received, fopru_significance.
 //
 // None of them materialises the [B, H, T, T] attention map. cls_attention computes one query
-// row per head. The column/row means work on blocks of query rows: logits of a block
+// row per head (a batched matrix-vector product). The column/row means work on blocks of query rows: logits of a block
 // (one GEMM, cache-resident), softmax per row (each row sees all T keys), then the block's
 // contribution is added to per-(image, head) column and row sums. Heads are reduced in a fixed
 // order afterwards, so results do not depend on the thread count.
@@ -26,51 +26,25 @@ double resolve_scale(c10::optional<double> scale, int64_t head_dim) {
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-template <typename acc_t>
-void softmax_row(acc_t* row, int64_t n) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
-  acc_t s = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    row[j] = std::exp(row[j] - m);
-    s += row[j];
-  }
-  const acc_t inv = acc_t(1) / s;
-  for (int64_t j = 0; j < n; ++j) row[j] *= inv;
-}
-
 at::Tensor cls_attention_cpu(const at::Tensor& q, const at::Tensor& k, int64_t num_heads,
                              c10::optional<double> scale) {
   const int64_t N = check_qk(q, k, num_heads, scale, /*has_cls=*/true);
   const int64_t B = q.size(0), T = q.size(1), C = q.size(2), dh = C / num_heads;
   const double sc = resolve_scale(scale, dh);
+  const auto acc = acc_type_of(q.scalar_type());
   auto out = at::empty({B, N}, q.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cls_attention_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    const scalar_t* kp = k.const_data_ptr<scalar_t>();
-    const int64_t qsb = q.stride(0), qsc = q.stride(2);
-    const int64_t ksb = k.stride(0), kst = k.stride(1), ksc = k.stride(2);
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, B, grain_for(T * C), [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> logits(T), acc(N), q0(C);
-      for (int64_t b = b0; b < b1; ++b) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t c = 0; c < C; ++c) q0[c] = static_cast<acc_t>(qp[b * qsb + c * qsc]);
-        for (int64_t h = 0; h < num_heads; ++h) {
-          const acc_t* qh = q0.data() + h * dh;
-          for (int64_t t = 0; t < T; ++t) {
-            const scalar_t* kr = kp + b * ksb + t * kst + h * dh * ksc;
-            acc_t d = 0;
-            for (int64_t c = 0; c < dh; ++c) d += qh[c] * static_cast<acc_t>(kr[c * ksc]);
-            logits[t] = d * static_cast<acc_t>(sc);
-          }
-          softmax_row(logits.data(), T);
-          for (int64_t j = 0; j < N; ++j) acc[j] += logits[j + 1];
-        }
-        for (int64_t j = 0; j < N; ++j) op[b * N + j] = static_cast<float>(acc[j] / num_heads);
-      }
-    });
+  at::parallel_for(0, B, grain_for(T * C), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      // One query row per head: logits [H, T] = k_h [H, T, dh] x q0_h [H, dh, 1] (a batched
+      // matrix-vector product, vectorised by BLAS), softmax over all T keys, then heads added
+      // in order and divided by H.
+      at::Tensor q0 = q[b][0].to(acc).mul(sc).reshape({num_heads, dh, 1});
+      at::Tensor kh = k[b].to(acc).reshape({T, num_heads, dh}).transpose(0, 1);
+      at::Tensor p = at::_softmax(at::bmm(kh, q0).squeeze(2), 1, false);  // [H, T]
+      at::Tensor total = p.select(0, 0).narrow(0, 1, N).clone();
+      for (int64_t h = 1; h < num_heads; ++h) total.add_(p.select(0, h).narrow(0, 1, N));
+      out[b].copy_(total.div_(static_cast<double>(num_heads)));
+    }
   });
   return out;
 }
