@@ -33,13 +33,14 @@ def _extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    # No -std flag: torch's BuildExtension picks the standard its headers need.
+    cxx = ["-O3"]
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         ext = CUDAExtension(
             "vtkernels._C", sources,
             extra_compile_args={"cxx": cxx + ["-DVTK_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "-DVTK_WITH_CUDA", "--use_fast_math"]},
+                                "nvcc": ["-O3", "-DVTK_WITH_CUDA", "--use_fast_math"]},
             py_limited_api=True)
     else:
         ext = CppExtension("vtkernels._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)
@@ -50,5 +51,5 @@ ext_modules, cmdclass = _extensions()
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
 )
