@@ -94,14 +94,20 @@ inline int64_t grid_width_of(int64_t N, int64_t grid_width) {
   return grid_width;
 }
 
-inline void check_fopru_select(const at::Tensor& x, const at::Tensor& scores, int64_t keep,
-                               const std::string& strategy, int64_t grid_width) {
+// Tokens x [B, N, D] with their scores [B, N], and a count `keep` in [1, N].
+inline void check_tokens_scores_keep(const at::Tensor& x, const at::Tensor& scores, int64_t keep) {
   check_scores(scores);
   const int64_t B = scores.size(0), N = scores.size(1);
   check_tokens(x, B, N);
   TORCH_CHECK_VALUE(x.device() == scores.device(), "tensors must be on one device: x on ", x.device(),
                     ", scores on ", scores.device());
   check_count("keep", keep, N);
+}
+
+inline void check_fopru_select(const at::Tensor& x, const at::Tensor& scores, int64_t keep,
+                               const std::string& strategy, int64_t grid_width) {
+  check_tokens_scores_keep(x, scores, keep);
+  const int64_t N = scores.size(1);
   TORCH_CHECK_VALUE(strategy == "rank" || strategy == "row",
                     "strategy must be 'rank' or 'row', got '", strategy, "'");
   if (strategy == "row") {

@@ -26,17 +26,11 @@
 #include <vector>
 
 #include "../checks.h"
+#include "cpu_common.h"
 #include "../common/rank_key.h"
 
 namespace vtk {
 namespace {
-
-template <typename scalar_t>
-using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-template <typename scalar_t>
-using key_t = decltype(rank_key(compute_t<scalar_t>()));
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 template <typename K>
 bool ranks_before(const std::pair<K, int64_t>& a, const std::pair<K, int64_t>& b) {
@@ -81,12 +75,7 @@ at::Tensor l2_normalized(const at::Tensor& x) {
 
 void check_vispruner(const at::Tensor& x, const at::Tensor& scores, int64_t keep, double important_ratio,
                      int64_t dedup_step) {
-  check_scores(scores);
-  const int64_t B = scores.size(0), N = scores.size(1);
-  check_tokens(x, B, N);
-  TORCH_CHECK_VALUE(x.device() == scores.device(), "tensors must be on one device: x on ", x.device(),
-                    ", scores on ", scores.device());
-  check_count("keep", keep, N);
+  check_tokens_scores_keep(x, scores, keep);
   TORCH_CHECK_VALUE(important_ratio >= 0.0 && important_ratio <= 1.0,
                     "important_ratio must be in [0, 1], got ", important_ratio);
   TORCH_CHECK_VALUE(dedup_step >= 1, "dedup_step must be >= 1, got ", dedup_step);

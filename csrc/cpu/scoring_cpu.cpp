@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "cpu_common.h"
 
 namespace vtk {
 namespace {
@@ -23,8 +24,6 @@ constexpr int64_t kRowBlock = 128;
 double resolve_scale(c10::optional<double> scale, int64_t head_dim) {
   return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
 }
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor cls_attention_cpu(const at::Tensor& q, const at::Tensor& k, int64_t num_heads,
                              c10::optional<double> scale) {

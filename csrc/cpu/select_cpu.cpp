@@ -13,15 +13,11 @@
 #include <vector>
 
 #include "../checks.h"
+#include "cpu_common.h"
 #include "../common/rank_key.h"
 
 namespace vtk {
 namespace {
-
-template <typename scalar_t>
-using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-template <typename scalar_t>
-using key_t = decltype(rank_key(compute_t<scalar_t>()));
 
 template <typename K>
 bool ranks_before(const std::pair<K, int64_t>& a, const std::pair<K, int64_t>& b) {
