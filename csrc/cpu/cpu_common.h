@@ -2,7 +2,10 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "../common/rank_key.h"
 
@@ -18,5 +21,19 @@ template <typename scalar_t>
 using key_t = decltype(rank_key(compute_t<scalar_t>()));
 
 inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The tie rule on (key, position) pairs: higher key first, equal keys lower position first.
+template <typename K>
+bool ranks_before(const std::pair<K, int64_t>& a, const std::pair<K, int64_t>& b) {
+  return a.first > b.first || (a.first == b.first && a.second < b.second);
+}
+
+// buf = (rank key, position) for the N scores of one (strided) row.
+template <typename scalar_t>
+void keyed_row(const scalar_t* s, int64_t stride, int64_t N,
+               std::vector<std::pair<key_t<scalar_t>, int64_t>>& buf) {
+  buf.resize(N);
+  for (int64_t i = 0; i < N; ++i) buf[i] = {rank_key(static_cast<compute_t<scalar_t>>(s[i * stride])), i};
+}
 
 }  // namespace vtk

@@ -32,17 +32,11 @@
 namespace vtk {
 namespace {
 
-template <typename K>
-bool ranks_before(const std::pair<K, int64_t>& a, const std::pair<K, int64_t>& b) {
-  return a.first > b.first || (a.first == b.first && a.second < b.second);
-}
-
 // Positions of one score row, best first (the full ranking order).
 template <typename scalar_t>
 void rank_row(const scalar_t* s, int64_t stride, int64_t N, int64_t* out,
               std::vector<std::pair<key_t<scalar_t>, int64_t>>& buf) {
-  buf.resize(N);
-  for (int64_t i = 0; i < N; ++i) buf[i] = {rank_key(static_cast<compute_t<scalar_t>>(s[i * stride])), i};
+  keyed_row(s, stride, N, buf);
   std::sort(buf.begin(), buf.end(), ranks_before<key_t<scalar_t>>);
   for (int64_t i = 0; i < N; ++i) out[i] = buf[i].second;
 }

@@ -19,11 +19,6 @@
 namespace vtk {
 namespace {
 
-template <typename K>
-bool ranks_before(const std::pair<K, int64_t>& a, const std::pair<K, int64_t>& b) {
-  return a.first > b.first || (a.first == b.first && a.second < b.second);
-}
-
 // The k best of n keyed entries, written to out in ascending position order.
 template <typename K>
 void best_k(std::vector<std::pair<K, int64_t>>& buf, int64_t k, int64_t* out) {
@@ -36,8 +31,7 @@ void best_k(std::vector<std::pair<K, int64_t>>& buf, int64_t k, int64_t* out) {
 template <typename scalar_t>
 void topk_row(const scalar_t* s, int64_t stride, int64_t N, int64_t k, int64_t* out,
               std::vector<std::pair<key_t<scalar_t>, int64_t>>& buf) {
-  buf.resize(N);
-  for (int64_t i = 0; i < N; ++i) buf[i] = {rank_key(static_cast<compute_t<scalar_t>>(s[i * stride])), i};
+  keyed_row(s, stride, N, buf);
   best_k(buf, k, out);
 }
 
