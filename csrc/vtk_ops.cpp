@@ -26,4 +26,7 @@ TORCH_LIBRARY(vtk, m) {
   m.def("fopru_select(Tensor x, Tensor scores, int keep, str strategy=\"rank\", int grid_width=0) -> (Tensor, Tensor)");
   m.def("vispruner_select(Tensor x, Tensor scores, int keep, float important_ratio=0.5, int dedup_step=8) -> Tensor");
   m.def("prumerge(Tensor x, Tensor keys, Tensor scores, int knn=32, bool plus=False, bool per_sample=True) -> (Tensor, Tensor)");
+  m.def("attention_received_varlen(Tensor q, Tensor k, Tensor cu_seqlens, int num_heads, float? scale=None) -> Tensor");
+  m.def("glimpse_logits(Tensor q, Tensor k, float? scale=None, Tensor? key_mask=None, bool log_softmax=False) -> Tensor");
+  m.def("gather_cache(Tensor[] tensors, Tensor index) -> Tensor[]");
 }

@@ -13,4 +13,7 @@ SCHEMAS = {
     "fopru_select": 'fopru_select(Tensor x, Tensor scores, int keep, str strategy="rank", int grid_width=0) -> (Tensor, Tensor)',
     "vispruner_select": "vispruner_select(Tensor x, Tensor scores, int keep, float important_ratio=0.5, int dedup_step=8) -> Tensor",
     "prumerge": "prumerge(Tensor x, Tensor keys, Tensor scores, int knn=32, bool plus=False, bool per_sample=True) -> (Tensor, Tensor)",
+    "attention_received_varlen": "attention_received_varlen(Tensor q, Tensor k, Tensor cu_seqlens, int num_heads, float? scale=None) -> Tensor",
+    "glimpse_logits": "glimpse_logits(Tensor q, Tensor k, float? scale=None, Tensor? key_mask=None, bool log_softmax=False) -> Tensor",
+    "gather_cache": "gather_cache(Tensor[] tensors, Tensor index) -> Tensor[]",
 }

@@ -144,3 +144,113 @@ def check_prumerge(x, keys, scores, knn: int, plus: bool, per_sample: bool) -> t
     if knn < 1:
         raise ValueError(f"knn must be >= 1, got {knn}")
     return B, N, D, Ck
+
+
+# --- towers without CLS and GlimpsePrune (issues 8, 9) -----------------------------------------
+
+def check_varlen(q, k, cu_seqlens, num_heads: int, scale) -> tuple[int, int, int]:
+    """Checks of attention_received_varlen that need no data; returns (S, C, n segments)."""
+    _float_tensor("q", q)
+    _float_tensor("k", k)
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
+    _same_device(q=q, k=k, cu_seqlens=cu_seqlens)
+    if q.dim() != 2:
+        raise ValueError(f"q must be [S, C], got shape {tuple(q.shape)}")
+    if k.dim() != 2:
+        raise ValueError(f"k must be [S, C], got shape {tuple(k.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be [n + 1] (1-D, at least one entry), got shape {tuple(cu_seqlens.shape)}")
+    S, C = q.shape
+    if num_heads < 1 or C % num_heads != 0:
+        raise ValueError(f"num_heads={num_heads} must be >= 1 and divide the channel count C={C}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return S, C, cu_seqlens.numel() - 1
+
+
+def check_cu_seqlens_values(cu_seqlens, S: int) -> None:
+    """Data-dependent part of check_varlen (syncs on CUDA; skipped by the fake kernel)."""
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != S or any(b < a for a, b in zip(cu, cu[1:])):
+        shown = cu if len(cu) <= 8 else cu[:4] + ["..."] + cu[-3:]
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at S={S}, got {shown}")
+
+
+def check_glimpse(q, k, scale, key_mask) -> tuple[int, int, int, int, int]:
+    """Checks of glimpse_logits; returns (B, Hq, Hkv, L, D)."""
+    _float_tensor("q", q)
+    _float_tensor("k", k)
+    _same_device(q=q, k=k)
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D] (one query row per head), got shape {tuple(q.shape)}")
+    if k.dim() != 4:
+        raise ValueError(f"k must be [B, Hkv, L, D] (a KV cache's keys), got shape {tuple(k.shape)}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
+    B, Hq, D = q.shape
+    Bk, Hkv, L, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"k has batch {Bk}, q has batch {B}")
+    if Dk != D:
+        raise ValueError(f"k has head_dim {Dk}, q has head_dim {D}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"q's {Hq} heads must be a multiple of k's {Hkv} heads (GQA)")
+    if D < 1:
+        raise ValueError(f"head_dim must be >= 1, got {D}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor):
+            raise ValueError(f"key_mask must be a tensor, got {type(key_mask).__name__}")
+        _same_device(q=q, key_mask=key_mask)
+        if key_mask.dtype != torch.bool:
+            raise ValueError(f"key_mask must be bool, got {key_mask.dtype}")
+        if tuple(key_mask.shape) != (B, L):
+            raise ValueError(f"key_mask must be [B, L] = [{B}, {L}], got shape {tuple(key_mask.shape)}")
+    return B, Hq, Hkv, L, D
+
+
+def check_gather_cache(tensors, index) -> tuple[int, int, int]:
+    """Checks of gather_cache that need no data; returns (B, L, M)."""
+    if not isinstance(tensors, (list, tuple)) or len(tensors) == 0:
+        raise ValueError("tensors must be a non-empty list of tensors")
+    if not isinstance(index, torch.Tensor):
+        raise ValueError(f"index must be a tensor, got {type(index).__name__}")
+    if index.dtype != torch.int64:
+        raise ValueError(f"index must be int64, got {index.dtype}")
+    if index.dim() != 2:
+        raise ValueError(f"index must be [B, M], got shape {tuple(index.shape)}")
+    B, M = index.shape
+    L = None
+    for i, t in enumerate(tensors):
+        name = f"tensors[{i}]"
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != index.device:
+            raise ValueError(f"tensors must be on one device: {name} on {t.device}, index on {index.device}")
+        if t.dim() < 3:
+            raise ValueError(f"{name} must be [B, ..., L, D], got shape {tuple(t.shape)}")
+        if t.shape[0] != B:
+            raise ValueError(f"{name} has batch {t.shape[0]}, index has batch {B}")
+        if L is None:
+            L = t.shape[-2]
+        elif t.shape[-2] != L:
+            raise ValueError(f"{name} has sequence length {t.shape[-2]}, tensors[0] has {L}")
+    return B, L, M
+
+
+def check_gather_cache_range(index, L: int) -> None:
+    """Data-dependent part of check_gather_cache (one host wait on CUDA; skipped by the fake)."""
+    if index.numel():
+        lo, hi = (int(v) for v in torch.aminmax(index))
+        if lo < -1 or hi >= L:
+            raise ValueError(f"index must lie in [-1, L) with L={L} (-1 = padding), got values in [{lo}, {hi}]")

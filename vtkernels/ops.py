@@ -10,7 +10,7 @@ lower position first; NaN ranks below every number, -0.0 equals +0.0.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -20,7 +20,8 @@ from . import _validate as V
 from . import reference as ref
 
 __all__ = ["cls_attention", "attention_received", "fopru_significance", "topk_indices",
-           "gather_tokens", "fopru_select", "vispruner_select", "prumerge"]
+           "gather_tokens", "fopru_select", "vispruner_select", "prumerge",
+           "attention_received_varlen", "glimpse_logits", "gather_cache"]
 
 
 def cls_attention(q: Tensor, k: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
@@ -110,6 +111,43 @@ def prumerge(x: Tensor, keys: Tensor, scores: Tensor, knn: int = 32, plus: bool 
     return torch.ops.vtk.prumerge(x, keys, scores, knn, plus, per_sample)
 
 
+def attention_received_varlen(q: Tensor, k: Tensor, cu_seqlens: Tensor, num_heads: int,
+                              scale: Optional[float] = None) -> Tensor:
+    """Attention each token receives from the queries of its own segment, over packed segments.
+
+    q, k: [S, C] (heads concatenated; may be non-contiguous views, e.g. of a fused qkv), the
+    images of a Qwen-VL tower packed along S; cu_seqlens: int32/int64 [n + 1], segment starts,
+    0 first and S last, non-decreasing (empty segments allowed). Per segment, softmax over its own
+    keys of ``scale * q_h . k_h``; per token, the mean over heads and over the segment's queries.
+    Returns float32 [S]. On towers without CLS this is also FoPru's significance (the row means
+    are all 1/n). No [H, S, S] map and no padding to the longest segment.
+    """
+    return torch.ops.vtk.attention_received_varlen(q, k, cu_seqlens, num_heads, scale)
+
+
+def glimpse_logits(q: Tensor, k: Tensor, scale: Optional[float] = None, key_mask: Optional[Tensor] = None,
+                   log_softmax: bool = False) -> Tensor:
+    """GlimpsePrune's glimpse row: one query row per head against a KV cache's keys.
+
+    q: [B, Hq, D]; k: [B, Hkv, L, D] (Hq a multiple of Hkv; query head h reads key head
+    h // (Hq // Hkv)). Returns float32 [B, Hq, L]: ``q . k * scale`` (scale=None: D ** -0.5), or
+    with ``log_softmax`` its log-softmax over the keys where ``key_mask`` [B, L] (bool) is true,
+    -inf at masked keys (a row with every key masked is all -inf). key_mask only affects the
+    log-softmax.
+    """
+    return torch.ops.vtk.glimpse_logits(q, k, scale, key_mask, log_softmax)
+
+
+def gather_cache(tensors: List[Tensor], index: Tensor) -> List[Tensor]:
+    """Gathers many tensors along the sequence in one launch (e.g. every layer's keys and values).
+
+    tensors: [B, ..., L, D] each (sequence at dim -2, the same B and L; dtypes and middle dims may
+    differ); index: int64 [B, M], values in [-1, L), any order, repeats allowed, -1 = a padding
+    slot written as zeros. Returns [B, ..., M, D] per tensor, in its dtype.
+    """
+    return torch.ops.vtk.gather_cache(list(tensors), index)
+
+
 # --- fake kernels (shapes only; data-independent checks run here too) ----------------------
 
 def _fake_scores(q, k, num_heads, scale=None, has_cls=True):
@@ -148,6 +186,21 @@ def _fake_prumerge(x, keys, scores, knn=32, plus=False, per_sample=True):
     return x.new_empty((B, M, D)), scores.new_empty((B,), dtype=torch.int64)
 
 
+def _fake_varlen(q, k, cu_seqlens, num_heads, scale=None):
+    S, C, n = V.check_varlen(q, k, cu_seqlens, num_heads, scale)
+    return q.new_empty((S,), dtype=torch.float32)
+
+
+def _fake_glimpse_logits(q, k, scale=None, key_mask=None, log_softmax=False):
+    B, Hq, Hkv, L, D = V.check_glimpse(q, k, scale, key_mask)
+    return q.new_empty((B, Hq, L), dtype=torch.float32)
+
+
+def _fake_gather_cache(tensors, index):
+    B, L, M = V.check_gather_cache(tensors, index)
+    return [t.new_empty((*t.shape[:-2], M, t.shape[-1])) for t in tensors]
+
+
 # --- CUDA kernels served from Python (imported lazily: importing vtkernels never imports triton)
 
 def _triton(module: str, name: str):
@@ -168,6 +221,9 @@ _CUDA = {
     "fopru_select": (_triton("select", "fopru_select"), ref.fopru_select),
     "vispruner_select": (_triton("prune", "vispruner_select"), ref.vispruner_select),
     "prumerge": (_triton("prune", "prumerge"), ref.prumerge),
+    "attention_received_varlen": (None, ref.attention_received_varlen),
+    "glimpse_logits": (None, ref.glimpse_logits),
+    "gather_cache": (None, ref.gather_cache),
 }
 _FAKES = {
     "cls_attention": _fake_cls,
@@ -178,6 +234,9 @@ _FAKES = {
     "fopru_select": _fake_fopru_select,
     "vispruner_select": _fake_vispruner_select,
     "prumerge": _fake_prumerge,
+    "attention_received_varlen": _fake_varlen,
+    "glimpse_logits": _fake_glimpse_logits,
+    "gather_cache": _fake_gather_cache,
 }
 
 _library.install(_CPU, _CUDA)

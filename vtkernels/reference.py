@@ -18,6 +18,7 @@ __all__ = [
     "fopru_significance", "topk_indices", "gather_tokens", "fopru_row_indices", "fopru_select",
     "l2_normalize", "vispruner_similarity", "vispruner_counts", "vispruner_dedup", "vispruner_select", "iqr_upper_bound",
     "prumerge_counts", "prumerge_samples", "prumerge_similarity", "prumerge",
+    "attention_received_varlen", "glimpse_logits", "gather_cache",
 ]
 
 
@@ -285,3 +286,65 @@ def prumerge(x, keys, scores, knn: int = 32, plus: bool = False, per_sample: boo
     for b in range(B):
         out[b, :lengths[b]] = rows[b].to(x.dtype)
     return out, torch.tensor(lengths, dtype=torch.int64, device=x.device)
+
+
+# --- towers without CLS (issue 8) ---------------------------------------------------------------
+
+def attention_received_varlen(q, k, cu_seqlens, num_heads: int, scale=None) -> torch.Tensor:
+    """Attention each token receives within its own segment, mean over heads and the segment's
+    queries: [S] float32. q, k: [S, C] packed segments (images) delimited by cu_seqlens [n + 1].
+    Every row of a segment's attention sums to 1 over that segment's keys, so a segment of n
+    tokens has scores summing to 1 (and a segment of one token scores 1)."""
+    S, C, n = V.check_varlen(q, k, cu_seqlens, num_heads, scale)
+    V.check_cu_seqlens_values(cu_seqlens, S)
+    out = torch.zeros(S, dtype=torch.float32, device=q.device)
+    cu = cu_seqlens.tolist()
+    for s0, s1 in zip(cu, cu[1:]):
+        if s1 > s0:
+            probs = attention_probs(q[None, s0:s1], k[None, s0:s1], num_heads, scale)  # [1, H, n, n]
+            out[s0:s1] = probs[0].mean(dim=0).mean(dim=0).to(torch.float32)
+    return out
+
+
+# --- GlimpsePrune (issue 9) ---------------------------------------------------------------------
+
+def glimpse_logits(q, k, scale=None, key_mask=None, log_softmax: bool = False) -> torch.Tensor:
+    """One query row per head against a KV cache's keys: [B, Hq, L] float32.
+
+    q: [B, Hq, D]; k: [B, Hkv, L, D], query head h reads key head h // (Hq // Hkv) (GQA).
+    Logits q.k * scale (scale=None: D ** -0.5); with log_softmax, the log-softmax over the keys
+    where key_mask [B, L] is true (all keys without a mask), -inf elsewhere; a row with no key
+    unmasked is all -inf."""
+    B, Hq, Hkv, L, D = V.check_glimpse(q, k, scale, key_mask)
+    if scale is None:
+        scale = D ** -0.5
+    dt = acc_dtype(q.dtype)
+    kk = k.to(dt).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, L, D]
+    logits = torch.einsum("bhd,bhld->bhl", q.to(dt), kk) * scale
+    if log_softmax:
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, :], -float("inf"))
+        m = logits.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        lse = (logits - m).exp().sum(dim=-1, keepdim=True).log() + m
+        logits = logits - lse
+        if key_mask is not None:  # (-inf) - (-inf) is NaN in a fully masked row: keep it -inf
+            logits = logits.masked_fill(~key_mask[:, None, :], -float("inf"))
+    return logits.to(torch.float32)
+
+
+def gather_cache(tensors, index) -> list:
+    """Every tensor [B, ..., L, D] gathered along dim -2 at index [B, M] (int64, values in
+    [-1, L); any order, repeats allowed; -1 = a padding slot, written as zeros): [B, ..., M, D]."""
+    B, L, M = V.check_gather_cache(tensors, index)
+    V.check_gather_cache_range(index, L)
+    pad = index < 0
+    safe = index.clamp_min(0)
+    out = []
+    for t in tensors:
+        mid = t.shape[1:-2]
+        idx = safe.reshape(B, *([1] * len(mid)), M, 1).expand(B, *mid, M, t.shape[-1])
+        g = torch.gather(t, t.dim() - 2, idx)
+        keep = (~pad).reshape(B, *([1] * len(mid)), M, 1)
+        out.append(torch.where(keep, g, torch.zeros((), dtype=t.dtype, device=t.device)))
+    return out
