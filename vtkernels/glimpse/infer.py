@@ -256,8 +256,8 @@ class GlimpseHandle:
 
     def _prefill(self, input_ids: Tensor, pixel_values: Tensor, attention_mask: Optional[Tensor],
                  position_ids: Optional[Tensor], cache, use_cache: bool):
-        """Returns (hidden [B, M, H] after the final norm, pruned cache or None, index [B, M],
-        kept mask [B, M], kept positions [B, M])."""
+        """Returns (hidden [B, M, H] after the final norm, the pruned cache or None, the gather
+        index [B, M] into the caller's sequence, -1 = left padding)."""
         from transformers import DynamicCache
         p = self._parts
         head = self.head
@@ -302,7 +302,7 @@ class GlimpseHandle:
         full_cache = DynamicCache(config=p.lm.config)
         got = {}
         hook = p.layers[K].self_attn.q_proj.register_forward_hook(
-            lambda _m, _a, out: got.__setitem__("q", out[:, -1]))
+            lambda _m, _a, out: got.__setitem__("q", out[:, -1].clone()))  # not a view: frees the full q
         try:
             for l in range(K + 1):
                 if l > 0:
@@ -343,11 +343,9 @@ class GlimpseHandle:
 
         tensors = [h]
         if use_cache:
-            for l in range(K + 1):
-                layer = full_cache.layers[l]
-                tensors += [layer.keys, layer.values]
+            tensors += [t for c in full_cache.layers[:K + 1] for t in (c.keys, c.values)]
         gathered = ops.gather_cache(tensors, index)
-        del full_cache
+        del tensors, full_cache, keys  # the unpruned cache goes before layers K+1.. run
         h = gathered[0]
         valid = index >= 0
         mask2 = valid.to(mask.dtype)
