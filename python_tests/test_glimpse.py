@@ -707,3 +707,24 @@ def test_prefill_flops():
     assert 0 < f.vip < 1e-2 * f.total and 0 < f.glimpse < 1e-3 * f.total
     with pytest.raises(ValueError, match="kept"):
         prefill_flops(cfg, n_text, N, kept=N + 1)
+
+
+def test_apply_pruning_method_glimpse_is_apply_glimpse(llava):
+    import vtkernels.hf as vhf
+    model, proc = llava
+    head = make_head(model, seed=1)
+    inputs = one_sample(proc, 0)
+    with torch.no_grad():
+        with apply_glimpse(model, head, threshold=0.5) as h:
+            want = model(**inputs).logits
+            want_kept = [[c.clone() for c in img] for img in h.last_kept]
+        with vhf.pruning(model, method="glimpse", head=head, threshold=0.5) as h:
+            got = model(**inputs).logits
+            got_kept = h.last_kept
+    assert torch.equal(got, want)
+    assert [[c.tolist() for c in img] for img in got_kept] == [[c.tolist() for c in img] for img in want_kept]
+    with pytest.raises(ValueError, match="needs head="):
+        vhf.apply_pruning(model, "glimpse")
+    with pytest.raises(ValueError, match="unknown"):
+        vhf.apply_pruning(model, "glimpse", head=head, keep=3)
+    assert not hasattr(model, "forward") or "forward" not in vars(model)

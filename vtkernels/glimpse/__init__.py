@@ -13,5 +13,24 @@ from .flops import GlimpsePrefillFlops, prefill_flops
 from .head import GlimpseHead, VisualImportancePredictor
 from .infer import GlimpseHandle, apply_glimpse, keep_mask
 
+
+
+def _apply_from_hf(model, head=None, threshold=None, min_keep=None, max_ratio=None):
+    """``vtkernels.hf.apply_pruning(model, "glimpse", head=..., ...)`` lands here."""
+    if head is None:
+        raise ValueError("method 'glimpse' needs head= (a GlimpseHead or a checkpoint directory; "
+                         "GlimpseHead.for_model(model) builds an untrained one)")
+    return apply_glimpse(model, head, threshold=threshold, min_keep=min_keep, max_ratio=max_ratio)
+
+
+def _register() -> None:
+    # The arrow points from glimpse to hf: hf only knows this module's name (hf.handle._PROVIDERS).
+    from vtkernels.hf import register_method
+    register_method("glimpse", _apply_from_hf, {"head": None, "threshold": None, "min_keep": None,
+                                                "max_ratio": None})
+
+
+_register()
+
 __all__ = ["GlimpseHead", "VisualImportancePredictor", "GlimpseHandle", "apply_glimpse", "keep_mask",
            "GlimpsePrefillFlops", "prefill_flops"]
