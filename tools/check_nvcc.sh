@@ -4,7 +4,9 @@
 # that a machine without a GPU (or without a CUDA torch) still catches CUDA compile errors. The
 # flags mirror the extension build (setup.py and torch's cpp_extension): fast math, and CUDA's half
 # and bfloat16 operators hidden, as torch hides them. The torch glue (csrc/cuda/*.cpp) needs a CUDA
-# torch and is built by setup.py only.
+# torch and is built by setup.py only; here it gets a syntax check (g++ -fsyntax-only, templates
+# instantiated) against the torch this machine has (PYTHON, default python3), with stub headers for
+# the CUDA libraries a CPU wheel does not ship (cuBLAS, cuSPARSE, cuSOLVER handles and status types).
 #
 # Resources: ptxas -v reports each kernel's registers, stack frame (local memory) and spills per
 # arch. Any kernel with a stack frame or spill stores / loads fails the check: these kernels are
@@ -103,6 +105,43 @@ for f in "${files[@]}"; do
     failed=1
   fi
 done
+
+# The torch glue: a syntax check against this machine's torch headers (a CPU wheel ships ATen/cuda
+# and c10/cuda, not the CUDA libraries' headers they include: stubs declare what they use).
+glue=("$root"/csrc/cuda/*.cpp)
+py="${PYTHON:-python3}"
+torch_inc="$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' 2>/dev/null)"
+cuda_inc="$(dirname "$(dirname "$(readlink -f "$nvcc")")")/include"
+[ -f "$cuda_inc/cuda_runtime.h" ] || cuda_inc="$(ls -d /usr/local/cuda*/include 2>/dev/null | head -n 1)"
+if [ ${#glue[@]} -eq 0 ]; then
+  :
+elif [ -z "$torch_inc" ] || ! command -v g++ >/dev/null || [ ! -f "$cuda_inc/cuda_runtime.h" ]; then
+  echo "skip csrc/cuda/*.cpp syntax check: needs torch (for $py), g++ and the CUDA runtime headers"
+else
+  stub="$tmp/stub"
+  mkdir -p "$stub/c10/cuda/impl"
+  printf '#pragma once\n' >"$stub/c10/cuda/impl/cuda_cmake_macros.h"
+  printf '#pragma once\ntypedef struct cublasContext* cublasHandle_t;\ntypedef int cublasStatus_t;\n' >"$stub/cublas_v2.h"
+  printf '#pragma once\ntypedef struct cublasLtContext* cublasLtHandle_t;\n' >"$stub/cublasLt.h"
+  printf '#pragma once\ntypedef struct cusparseContext* cusparseHandle_t;\ntypedef int cusparseStatus_t;\ninline const char* cusparseGetErrorString(cusparseStatus_t) { return ""; }\n' >"$stub/cusparse.h"
+  printf '#pragma once\ntypedef struct cusolverDnContext* cusolverDnHandle_t;\n' >"$stub/cusolverDn.h"
+  printf '#pragma once\ntypedef int cusolverStatus_t;\n' >"$stub/cusolver_common.h"
+  pyinc="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  tv="$("$py" -c 'import torch; print(torch.__version__)')"
+  for f in "${glue[@]}"; do
+    rel="${f#"$root"/}"
+    log="$tmp/$(basename "$f").log"
+    # -idirafter for the stubs: searched last, so real headers, where present, win.
+    if g++ -std=c++20 -fsyntax-only -Wall -DVTK_WITH_CUDA -I"$torch_inc" -I"$torch_inc/torch/csrc/api/include" \
+         -I"$cuda_inc" -idirafter "$stub" -I"$pyinc" "$f" >"$log" 2>&1; then
+      echo "ok   $rel (g++ -fsyntax-only against torch $tv headers)"
+    else
+      echo "FAIL $rel (g++ -fsyntax-only against torch $tv headers)"
+      sed 's/^/    /' "$log"
+      failed=1
+    fi
+  done
+fi
 
 if [ $failed -ne 0 ]; then
   echo "check_nvcc: some CUDA sources do not compile, or spill"
