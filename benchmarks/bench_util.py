@@ -107,7 +107,10 @@ def case_summary(name: str, times, info: dict) -> dict:
 
 
 def git_commit(root: str) -> str:
-    """HEAD of the checkout at root, with '+dirty' when the tree has changes; '?' without git."""
+    """HEAD of the checkout at root, with '+dirty' when the tree has changes; '?' without git.
+    VTK_COMMIT overrides it (a copy of a work tree without its .git, as on a lent GPU machine)."""
+    if os.environ.get("VTK_COMMIT"):
+        return os.environ["VTK_COMMIT"]
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip()

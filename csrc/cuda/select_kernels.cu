@@ -25,9 +25,9 @@ constexpr int kBins = 1 << kRadixBits;
 // plain and capturable in CUDA graphs). Longer rows (over 9216 float-like or 4608 double scores)
 // re-read their scores from global memory, where they sit in L2 after the first pass.
 constexpr size_t kKeyCacheBytes = 36 * 1024;
-// The gather: warps of 256-thread blocks, kCopyUnroll loads in flight per lane, segments of at
-// least a full unrolled step per warp, about kGatherWarpsPerSm warps of work per SM, and at most
-// the 2048 threads an SM holds (A100, H100) resident per SM.
+// The gather: 256-thread blocks, kCopyUnroll loads in flight per lane, segments of at least one
+// full unrolled step of a warp, work for about kGatherWarpsPerSm warps per SM, and a grid of at
+// most 8 blocks per SM (2048 threads, what an A100 or H100 SM can hold) looping over the work.
 constexpr int kGatherThreads = 256;
 constexpr int kCopyUnroll = 4;
 constexpr int64_t kCopyMinSeg = 32 * kCopyUnroll;
