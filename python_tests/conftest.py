@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
         return
     for item in items:
-        module = item.path.name
+        module = os.path.basename(str(getattr(item, "path", None) or item.fspath))  # .path: pytest >= 7
         params = getattr(getattr(item, "callspec", None), "params", {})
         if module == "test_triton.py" or (module == "test_prune.py" and params.get("bk") in ("triton", "cuda")):
             item.add_marker(pytest.mark.gpu)
