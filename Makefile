@@ -1,8 +1,10 @@
 # vtkernels: set-up, tests, demo and benchmarks.
 #   make demo      create .venv, install, build, run `vtk demo`
 #   make test      the same set-up, then every test (no GPU needed)
-#   make test-gpu  GPU lane, on a machine with CUDA: builds in place with that machine's python3
-#   make bench     benchmarks at real sizes (GPU when present), results under benchmarks/results/
+#   make test-gpu  GPU lane, on a machine with CUDA: tools/gpu_lane.sh --only tests (that machine's
+#                  python3, no venv: pre-flight, in-place build for the visible GPU, pytest -m gpu)
+#   make bench     GPU benchmarks (tools/gpu_lane.sh --only bench), summaries into benchmarks/results/
+#   make bench-cpu the CPU benchmarks of README (2-core machine), summaries into benchmarks/results/
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 TF_OLD ?= 5.17.0
@@ -11,7 +13,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 JOBS ?= 2
 
-.PHONY: all venv build test test-cpu test-hf-old check-nvcc demo test-gpu bench clean
+.PHONY: all venv build test test-cpu test-hf-old check-nvcc check-setuptools demo test-gpu bench bench-cpu clean
 
 all: test
 
@@ -21,7 +23,7 @@ $(VPY):
 $(STAMP): $(VPY) pyproject.toml Makefile
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==$(TORCH_VERSION)
-	$(VPY) -m pip install -q setuptools wheel ninja numpy pillow pytest pytest-benchmark expecttest "triton>=3.6" "transformers>=5.0"
+	$(VPY) -m pip install -q setuptools wheel ninja numpy pillow pytest pytest-benchmark expecttest "triton>=3.6" "transformers>=5.0" matplotlib
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,8 +32,16 @@ venv: $(STAMP)
 build: $(STAMP)
 	MAX_JOBS=$(JOBS) $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
-check-nvcc:
-	tools/check_nvcc.sh
+# nvcc for every torch-free .cu (sm_80, sm_90, PTX; no spills, no local memory), and a syntax
+# check of the torch glue against the venv's torch headers.
+check-nvcc: $(STAMP)
+	PYTHON=$(VPY) tools/check_nvcc.sh
+
+# pyproject.toml allows setuptools >= 64: its metadata must read with the oldest (and with 65,
+# common on GPU images), in throwaway venvs cached under .venv/ (no torch, no compile).
+OLD_SETUPTOOLS ?= 64.0.0 65.7.0
+check-setuptools:
+	PYTHON=$(PYTHON) tools/check_setuptools.sh $(OLD_SETUPTOOLS)
 
 test-cpu: build
 	TRITON_INTERPRET=1 $(VPY) -m pytest python_tests benchmarks -q -p no:cacheprovider
@@ -47,21 +57,33 @@ test-hf-old: build $(VENV)/tf-old/.stamp
 	PYTHONPATH=$(VENV)/tf-old TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider \
 	  python_tests/test_hf.py python_tests/test_flops.py python_tests/test_cli.py
 
-test: check-nvcc test-cpu test-hf-old
+test: check-nvcc check-setuptools test-cpu test-hf-old
 
 demo: build
 	$(VENV)/bin/vtk demo
 
 # GPU lane: the machine's own python3 (torch with CUDA, triton, transformers, pytest), no venv.
+# tools/gpu_lane.sh OUTDIR runs every stage at once (what a short GPU session should run).
+GPU_OUT ?= gpu-lane
 test-gpu:
-	VTK_BUILD_CUDA=1 MAX_JOBS=8 $(PYTHON) setup.py build_ext --inplace
-	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest python_tests -q -p no:cacheprovider
+	PYTHON=$(PYTHON) tools/gpu_lane.sh --only tests $(GPU_OUT)
 
 bench:
-	VTK_BUILD_CUDA=1 MAX_JOBS=8 $(PYTHON) setup.py build_ext --inplace
-	mkdir -p benchmarks/results
-	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest benchmarks --benchmark -q -p no:cacheprovider \
-	  --benchmark-json=benchmarks/results/bench-$$($(PYTHON) -c "import torch;print(torch.cuda.get_device_name().replace(' ','_') if torch.cuda.is_available() else 'cpu')").json
+	PYTHON=$(PYTHON) tools/gpu_lane.sh --only bench $(GPU_OUT); rc=$$?; \
+	for part in ops e2e; do f=$(GPU_OUT)/bench-$$part.json; [ -s $$f ] || continue; \
+	  tag=$$($(PYTHON) -c "import json,sys,re; e=json.load(open(sys.argv[1]))['environment']; print(re.sub(r'[^A-Za-z0-9.]+','_',e['device']))" $$f); \
+	  cp $$f benchmarks/results/gpu-$$tag-$$part.json && echo "benchmarks/results/gpu-$$tag-$$part.json"; \
+	done; exit $$rc
+
+# README's CPU tables: the op suite at B = 4 (LLaVA-1.5 shapes) and the end-to-end prefill.
+CPU_TAG ?= cpu-$(shell nproc)core
+bench-cpu: build
+	$(VPY) -m pytest benchmarks/test_bench_ops.py benchmarks/test_bench_prune.py --benchmark -k "B4 and llava15" \
+	  -q -p no:cacheprovider --vtk-summary benchmarks/results/$(CPU_TAG)-B4-llava15.json
+	$(VPY) -m pytest benchmarks/test_bench_e2e.py --benchmark -q -p no:cacheprovider \
+	  --vtk-summary benchmarks/results/$(CPU_TAG)-e2e-small.json
+	$(VPY) tools/bench_table.py benchmarks/results/$(CPU_TAG)-B4-llava15.json benchmarks/results/$(CPU_TAG)-e2e-small.json
+	$(VPY) tools/bench_table.py --png benchmarks/results/$(CPU_TAG)-B4-llava15.png benchmarks/results/$(CPU_TAG)-B4-llava15.json
 
 clean:
 	rm -rf build dist *.egg-info vtkernels/_C*.so $(VENV)

@@ -3,7 +3,8 @@
 Knobs (environment):
   VTK_NO_EXTENSION=1   install without compiling; ops run on the reference kernels
   VTK_BUILD_CUDA=1/0   force / skip the CUDA build (default: when torch has CUDA and nvcc exists)
-  TORCH_CUDA_ARCH_LIST arches for nvcc (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST arches for nvcc (default "8.0;9.0+PTX": SASS for A100 and H100/H200, and
+                       PTX for compute_90, which newer GPUs (Blackwell) compile at load time)
   MAX_JOBS             parallel compile jobs (torch's cpp_extension)
 Build against your installed torch: pip install --no-build-isolation .
 """
@@ -30,7 +31,8 @@ def _extensions():
     build_cuda = _flag("VTK_BUILD_CUDA")
     if build_cuda is None:
         build_cuda = torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc"))
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # Keep in step with tools/check_nvcc.sh and CMakeLists.txt.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # No -std flag: torch's BuildExtension picks the standard its headers need.
@@ -47,8 +49,20 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+def _license():
+    """The license, in the form this setuptools takes (pyproject.toml declares it dynamic)."""
+    import setuptools
+    try:
+        major = int(setuptools.__version__.split(".")[0])
+    except ValueError:
+        major = 0
+    # PEP 639's License-Expression from setuptools 77 on; the older License field before.
+    return {"license_expression": "Apache-2.0"} if major >= 77 else {"license": "Apache-2.0"}
+
+
 ext_modules, cmdclass = _extensions()
 setup(
+    **_license(),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},

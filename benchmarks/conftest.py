@@ -4,17 +4,29 @@
 batch sizes) on CUDA when present, else on the CPU, with pytest-benchmark timing. Plain
 `pytest benchmarks/` runs the same files as quick smoke tests at small sizes (what `make test`
 does): each case runs once and its result is checked against the reference.
+
+`--vtk-summary FILE` writes the run's compact summary (benchmarks/results/ format, bench_util):
+per case median, p20, p80 and peak memory, with the device, versions and commit.
 """
+import os
+import shlex
+import sys
+
 import pytest
 import torch
 
-from bench_util import environment, peak_memory
+from bench_util import case_summary, environment, git_commit, peak_memory, write_summary
+
+_CASES = []  # case summaries of this session, for --vtk-summary
 
 
 def pytest_addoption(parser):
     parser.addoption("--benchmark", action="store_true", default=False,
                      help="run at real sizes with timing (default: small smoke tests)")
     parser.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.addoption("--vtk-summary", default=None, metavar="FILE",
+                     help="write a compact summary of the timed cases (median, p20, p80, peak memory; "
+                          "device, versions, commit) to FILE")
 
 
 def pytest_configure(config):
@@ -37,13 +49,41 @@ def device(request) -> torch.device:
 
 
 @pytest.fixture
-def record(benchmark):
-    """Adds environment and peak memory to the pytest-benchmark record."""
-    def _record(fn, device, **info):
-        benchmark.extra_info.update(environment())
+def record(benchmark, request):
+    """Adds what a case is (op, impl, sizes, ...) and its peak memory to the pytest-benchmark record;
+    after the case, its timings go into the session's summary."""
+    info = {}
+
+    def _record(fn, device, **kw):
+        info.update(kw)
+        info["peak_bytes"] = peak_memory(fn, device)
         benchmark.extra_info.update(info)
-        benchmark.extra_info["peak_bytes"] = peak_memory(fn, device)
-    return _record
+
+    yield _record
+    meta = benchmark.stats  # None when timing is off (smoke mode) or the case failed before timing
+    if meta is not None and meta.stats.data:
+        _CASES.append(case_summary(request.node.name, meta.stats.data, info))
+        # Rewritten after every case, so that a run stopped by a time limit keeps what it measured.
+        _write_summary(request.config)
+
+
+_RUN = {}  # environment and commit, looked up once per session
+
+
+def _write_summary(config):
+    path = config.getoption("--vtk-summary")
+    if not path:
+        return
+    if not _RUN:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        dev = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        _RUN.update(env=environment(dev), commit=git_commit(root),
+                    command="pytest " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    write_summary(path, _CASES, _RUN["env"], _RUN["commit"], _RUN["command"])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _write_summary(session.config)  # also when no case was timed: an empty summary says so
 
 
 def pytest_generate_tests(metafunc):

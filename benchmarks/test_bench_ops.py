@@ -88,7 +88,31 @@ def test_scoring(benchmark, record, device, real_sizes, op, impl, model, batch):
         fn()
         sync(device)
 
-    record(run, device, op=op, impl=impl, model=model, B=B, T=T, C=C, heads=H, dtype=str(q.dtype))
+    # The least any implementation must move: cls_attention reads k and the CLS query, the others
+    # q and k, and each writes its [B, N] float32 scores. The DRAM floor is this / copy bandwidth.
+    es = q.element_size()
+    read = B * (T + 1) * C * es if op == "cls_attention" else 2 * B * T * C * es
+    record(run, device, op=op, impl=impl, model=model, B=B, T=T, C=C, heads=H, dtype=str(q.dtype),
+           bytes_moved=read + B * (T - 1) * 4)
+    benchmark(run)
+
+
+def test_copy_bandwidth(benchmark, record, device, real_sizes):
+    """Device-to-device copy of one large buffer (torch's copy kernel): the bandwidth that sets the
+    DRAM floor of the memory-bound ops (their bytes moved / this bandwidth). 512 MiB at real sizes
+    on CUDA (far past any cache), 64 MiB on the CPU, 1 MiB in smoke mode."""
+    n = ((512 if device.type == "cuda" else 64) << 20) if real_sizes else (1 << 20)
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+
+    def run():
+        dst.copy_(src)
+        sync(device)
+
+    run()
+    if not real_sizes:
+        assert torch.equal(dst, src)
+    record(run, device, op="copy", impl="copy", B=1, bytes_moved=2 * n)
     benchmark(run)
 
 

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 namespace vtk {
 
@@ -73,9 +74,13 @@ inline void check_gather(const at::Tensor& x, const at::Tensor& indices) {
                     ", x has batch ", x.size(0));
 }
 
+// Data-dependent: on CUDA it waits for the device, so both extremes come back in one copy (one
+// wait, not one per item()). The CUDA glue skips it while a stream is being captured.
 inline void check_gather_range(const at::Tensor& indices, int64_t N) {
   if (indices.numel() == 0) return;
-  const int64_t lo = indices.min().item<int64_t>(), hi = indices.max().item<int64_t>();
+  const auto extremes = at::aminmax(indices);
+  const at::Tensor both = at::stack({std::get<0>(extremes), std::get<1>(extremes)}).to(at::kLong).cpu();
+  const int64_t lo = both.const_data_ptr<int64_t>()[0], hi = both.const_data_ptr<int64_t>()[1];
   TORCH_CHECK_VALUE(lo >= 0 && hi < N, "indices must lie in [0, N) with N=", N, ", got values in [",
                     lo, ", ", hi, "]");
 }

@@ -356,3 +356,142 @@ def test_scoring_scale_float64():
                      atol=1e-9, rtol=1e-6)
         assert_close(ops.fopru_significance(q.cuda(), k.cuda(), 4, scale).cpu(),
                      ref.fopru_significance(q, k, 4, scale), atol=1e-9, rtol=1e-6)
+
+
+# --- host waits, CUDA graphs of the other ops, several devices -------------------------------------
+
+def _syncs(fn):
+    """Host waits for the device while fn runs (torch's sync debug mode reports each one)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(m.message) for m in w if "synchroniz" in str(m.message)]
+
+
+def test_selection_host_waits():
+    """gather_tokens waits once (its index range check: both extremes in one copy); topk_indices
+    and fopru_select never wait."""
+    s = torch.randn(4, 576, device="cuda")
+    x = torch.randn(4, 576, 64, device="cuda", dtype=torch.float16)
+    idx = torch.randint(0, 576, (4, 144), device="cuda")
+    for fn in (lambda: ops.gather_tokens(x, idx), lambda: ops.topk_indices(s, 144),
+               lambda: ops.fopru_select(x, s, 144), lambda: ops.fopru_select(x, s, 144, "row")):
+        fn()  # warm-up: Triton compilation, allocator
+    assert len(_syncs(lambda: ops.gather_tokens(x, idx))) <= 1
+    assert len(_syncs(lambda: ops.gather_tokens(x, idx.int()))) <= 1
+    for fn in (lambda: ops.topk_indices(s, 144), lambda: ops.fopru_select(x, s, 144),
+               lambda: ops.fopru_select(x, s, 144, "row")):
+        assert _syncs(fn) == []
+
+
+def test_scoring_ops_in_cuda_graph():
+    """The scoring ops (Triton) capture and replay: the replay follows new q and k."""
+    B, T, C, H = 2, 50, 64, 4
+    q = torch.empty(B, T, C, device="cuda", dtype=torch.float16)
+    k = torch.empty_like(q)
+    q0, k0 = _qk(B, T, C, torch.float16, 1, False)
+    q.copy_(q0)
+    k.copy_(k0)
+
+    def step():
+        return (ops.cls_attention(q, k, H), ops.attention_received(q, k, H),
+                ops.attention_received(q, k, H, has_cls=False), ops.fopru_significance(q, k, H),
+                ops.fopru_significance(q, k, H, has_cls=False))
+
+    graph, out = _capture(step)
+    tol = SCORE_TOL[torch.float16]
+    for seed in range(2, 5):
+        q_new, k_new = _qk(B, T, C, torch.float16, seed, False)
+        q.copy_(q_new)
+        k.copy_(k_new)
+        graph.replay()
+        torch.cuda.synchronize()
+        q64, k64 = q_new.double(), k_new.double()
+        want = (ref.cls_attention(q64, k64, H), ref.attention_received(q64, k64, H),
+                ref.attention_received(q64, k64, H, has_cls=False), ref.fopru_significance(q64, k64, H),
+                ref.fopru_significance(q64, k64, H, has_cls=False))
+        for got, w in zip(out, want):
+            assert_close(got.cpu(), w, **tol)
+
+
+def test_vispruner_select_in_cuda_graph():
+    """vispruner_select never waits for the device, so it captures; float64, where it equals the
+    reference exactly."""
+    B, N, C, keep = 2, 144, 32, 24
+    g = _gen(21)
+    x = torch.randn(B, N, C, generator=g, dtype=torch.float64).cuda()
+    s = torch.softmax(torch.randn(B, N, generator=g, dtype=torch.float64), dim=-1).cuda()
+    graph, out = _capture(lambda: (ops.vispruner_select(x, s, keep), ops.vispruner_select(x, s, keep, 0.25, 3)))
+    for seed in range(3):
+        g = _gen(200 + seed)
+        x_new = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+        s_new = torch.softmax(torch.randn(B, N, generator=g, dtype=torch.float64), dim=-1)
+        x.copy_(x_new)
+        s.copy_(s_new)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0].cpu(), ref.vispruner_select(x_new, s_new, keep))
+        assert torch.equal(out[1].cpu(), ref.vispruner_select(x_new, s_new, keep, 0.25, 3))
+
+
+def test_gather_and_fopru_select_fill_the_grid_at_batch_1():
+    """B = 1 and few kept rows: rows split into segments across warps (launch sizing); every
+    segment boundary lands right, for every element size, for rows that are not a whole number
+    of segments, and on the element-wise path (rows that are not whole 16-byte words)."""
+    g = _gen(41)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        for D in (4096, 4104, 1000, 1001, 8):  # 1001 halves: not whole 16-byte words
+            x = torch.randn(1, 576, D, generator=g).to(dtype)
+            s = torch.randn(1, 576, generator=g)
+            idx = torch.randint(0, 576, (1, 3), generator=g)
+            assert torch.equal(ops.gather_tokens(x.cuda(), idx.cuda()).cpu(), ref.gather_tokens(x, idx)), (dtype, D)
+            for keep in (1, 5, 144):
+                got_x, got_i = ops.fopru_select(x.cuda(), s.cuda(), keep)
+                want_x, want_i = ref.fopru_select(x, s, keep)
+                assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_x.cpu(), want_x), (dtype, D, keep)
+
+
+# Last in the file: a kernel launched on the wrong device faults, and a fault poisons the process's
+# CUDA context for every test after it (the GPU lane runs each test file in its own process).
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_on_second_device():
+    """Inputs on cuda:1 while cuda:0 is current: every op runs on cuda:1 (device guards, the
+    streams of that device) and gives what the reference gives."""
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    g = _gen(31)
+    s = torch.randn(3, 576, generator=g)
+    x = torch.randn(3, 576, 64, generator=g).half()
+    idx = torch.randint(0, 576, (3, 100), generator=g)
+    q, k = _qk(3, 50, 64, torch.float32, 32, False)
+    xf = torch.randn(3, 576, 32, generator=g, dtype=torch.float64)
+    keys = torch.randn(3, 576, 16, generator=g, dtype=torch.float64)
+    sd = torch.softmax(s.double() * 0.7, dim=-1)
+    got = {
+        "topk": ops.topk_indices(s.to(dev), 144),
+        "gather": ops.gather_tokens(x.to(dev), idx.to(dev)),
+        "fopru": ops.fopru_select(x.to(dev), s.to(dev), 144, "row")[0],
+        "cls": ops.cls_attention(q.to(dev), k.to(dev), 4),
+        "fopru_sig": ops.fopru_significance(q.to(dev), k.to(dev), 4),
+        "vispruner": ops.vispruner_select(xf.to(dev), sd.to(dev), 64),
+        "prumerge": ops.prumerge(xf.to(dev), keys.to(dev), sd.to(dev))[0],
+    }
+    torch.cuda.synchronize(dev)
+    for name, t in got.items():
+        assert t.device == dev, name
+    assert torch.equal(got["topk"].cpu(), ref.topk_indices(s, 144))
+    assert torch.equal(got["gather"].cpu(), ref.gather_tokens(x, idx))
+    assert torch.equal(got["fopru"].cpu(), ref.fopru_select(x, s, 144, "row")[0])
+    assert_close(got["cls"].cpu(), ref.cls_attention(q.double(), k.double(), 4), **SCORE_TOL[torch.float32])
+    assert_close(got["fopru_sig"].cpu(), ref.fopru_significance(q.double(), k.double(), 4), **SCORE_TOL[torch.float32])
+    assert torch.equal(got["vispruner"].cpu(), ref.vispruner_select(xf, sd, 64))
+    assert_close(got["prumerge"].cpu(), ref.prumerge(xf, keys, sd)[0], atol=1e-9, rtol=1e-9)
+    # nothing ran on (or allocated memory of) cuda:0 for the cuda:1 calls
+    assert torch.cuda.current_device() == 0

@@ -394,6 +394,15 @@ def test_empty_batch(bk):
         assert idx.shape == (0, 3) and idx.dtype == torch.int64
 
 
+def _oracle(dev, fn, *args):
+    """The reference on the backend's device, back on the CPU. The exact-tie tests compare with it
+    because float64 exactness is per device: every backend forms its similarities with the
+    reference's ATen calls, and on CUDA those run on cuBLAS, which may round a product differently
+    from the CPU's BLAS (an exact 0 against -2.2e-17 decides an exact tie)."""
+    out = fn(*to(dev, *args[:-1]), *args[-1])
+    return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
+
+
 @pytest.mark.parametrize("bk", BACKENDS)
 def test_prumerge_float64_tied_cosines(bk):
     """Exactly tied cosines: keys 1 and 2 are equally close to key 0 (cos = 0.7071...). The
@@ -403,30 +412,52 @@ def test_prumerge_float64_tied_cosines(bk):
     keys = torch.tensor([[[3, 1], [0.7, 1.4], [3, 6], [-1, 0]]], dtype=torch.float64)
     x = torch.eye(4, dtype=torch.float64)[None]
     s = torch.tensor([[1, .1, .1, .1]], dtype=torch.float64)
-    want = ref.prumerge(x, keys, s, 1, False, True)
-    assert torch.equal(want[0][0, 0], torch.tensor([1, .1, 0, 0], dtype=torch.float64))  # merges token 1
+    cpu = ref.prumerge(x, keys, s, 1, False, True)
+    assert torch.equal(cpu[0][0, 0], torch.tensor([1, .1, 0, 0], dtype=torch.float64))  # merges token 1
+    want = _oracle(dev, ref.prumerge, x, keys, s, (1, False, True))
     tok, lengths = pm(*to(dev, x, keys, s), 1, False, True)
     assert torch.equal(lengths.cpu(), want[1]) and torch.equal(tok.cpu(), want[0])
 
 
+def _exact_cosines(x):
+    """Cosine similarities of integer features [1, N, C], each rounded once from its exact value."""
+    from fractions import Fraction
+    import math
+    rows = x[0].long().tolist()
+    S = torch.zeros(1, len(rows), len(rows), dtype=torch.float64)
+    for i, u in enumerate(rows):
+        for j, v in enumerate(rows):
+            dot = sum(a * b for a, b in zip(u, v))
+            norm2 = sum(a * a for a in u) * sum(b * b for b in v)
+            if dot and norm2:
+                S[0, i, j] = math.copysign(math.sqrt(Fraction(dot * dot, norm2)), dot)
+    return S
+
+
 @pytest.mark.parametrize("bk", BACKENDS)
-def test_vispruner_float64_exact_ties(bk):
+def test_vispruner_float64_exact_ties(bk, monkeypatch):
     """Orthogonal / duplicated integer features: a subset product (C++, Triton) rounded a 0 to
     -2.2e-17 where the reference's full product gave an exact 0. Every backend now forms the
-    same per-image product (reference.vispruner_similarity)."""
+    same batched product (reference.vispruner_similarity)."""
     vis, _, dev = backend(bk)
     x = torch.tensor([[0, 1], [-1, 0], [-1, -1], [-1, 0], [0, -1], [0, 1], [1, 0], [-1, 1], [1, 0], [0, -1],
                       [1, 1], [1, 0]], dtype=torch.float64)[None]
     s = torch.tensor([[2, 1, 0, 1, 2, 0, 2, 2, 2, 1, 2, 2]], dtype=torch.float64)
-    want = ref.vispruner_select(x, s, 2, 0.0, 1)
-    assert want.tolist() == [[2, 6]]
+    # The case turns on rounding: the exactly rounded cosines (orthogonal rows give 0) select
+    # [3, 10]; the -2.2e-17 of a per-image gemm for rows 2 and 7 selects [2, 6].
+    with monkeypatch.context() as m:
+        m.setattr(ref, "vispruner_similarity", lambda t: _exact_cosines(x).to(t.device))
+        assert ref.vispruner_select(x, s, 2, 0.0, 1).tolist() == [[3, 10]]
+    if dev == "cpu":  # the CPU's batched product rounds these rows exactly
+        assert ref.vispruner_select(x, s, 2, 0.0, 1).tolist() == [[3, 10]]
+    want = _oracle(dev, ref.vispruner_select, x, s, (2, 0.0, 1))
     assert torch.equal(vis(*to(dev, x, s), 2, 0.0, 1).cpu(), want)
 
 
 @pytest.mark.parametrize("bk", BACKENDS)
 def test_float64_exact_ties_random(bk):
     """Integer-valued, heavily duplicated features and keys (exact ties everywhere) and dyadic
-    scores (exact sums): float64 results equal the reference's bit for bit."""
+    scores (exact sums): float64 results equal the reference's (on the same device) bit for bit."""
     vis, pm, dev = backend(bk)
     f64 = torch.float64
     for seed in range(40):  # a few hundred such cases were checked by hand
@@ -437,14 +468,27 @@ def test_float64_exact_ties_random(bk):
         s = torch.randint(0, 3, (B, N), generator=g).to(f64)
         keep = int(torch.randint(1, N + 1, (1,), generator=g))
         ratio, step = (0.0, 0.25, 0.5)[seed % 3], (1, 2, 8)[seed // 3 % 3]
-        want = ref.vispruner_select(x, s, keep, ratio, step)
+        want = _oracle(dev, ref.vispruner_select, x, s, (keep, ratio, step))
         assert torch.equal(vis(*to(dev, x, s), keep, ratio, step).cpu(), want), seed
         keys = torch.randint(-2, 3, (B, N, C), generator=g).to(f64)
         w = torch.randint(0, 9, (B, N), generator=g).to(f64) / 8
         knn, plus, per_sample = int(torch.randint(1, 6, (1,), generator=g)), bool(seed % 2), bool(seed // 2 % 2)
-        want_t, want_l = ref.prumerge(x, keys, w, knn, plus, per_sample)
+        want_t, want_l = _oracle(dev, ref.prumerge, x, keys, w, (knn, plus, per_sample))
         tok, lengths = pm(*to(dev, x, keys, w), knn, plus, per_sample)
         assert torch.equal(lengths.cpu(), want_l) and torch.equal(tok.cpu(), want_t), seed
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+def test_vispruner_batch_independent(bk):
+    """An image's selection does not depend on the rest of the batch: the similarities are one
+    batched product, and each image is its own matrix of it (float64, exact)."""
+    vis, _, dev = backend(bk)
+    x = features(5, 576, 64, seed=91)
+    s = attention_like(5, 576, seed=92)
+    got = vis(*to(dev, x, s), 64).cpu()
+    for b in range(5):
+        assert torch.equal(vis(*to(dev, x[b:b + 1], s[b:b + 1]), 64).cpu(), got[b:b + 1]), b
+    assert torch.equal(vis(*to(dev, x[1:4], s[1:4]), 64).cpu(), got[1:4])
 
 
 # --- registration, fakes, errors ------------------------------------------------------------------
@@ -555,6 +599,7 @@ def test_bad_input_devices():
             fn(x, s.to("meta"), 3)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
 def test_cuda_host_waits():
     """vispruner_select never waits for the device; prumerge waits once (the output size)."""

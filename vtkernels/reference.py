@@ -129,27 +129,26 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 # How the similarities are formed is part of the contract in float64: every backend (C++, Triton)
-# calls exactly these ATen ops, on the same shapes and layouts, so that the matrix products round
-# identically and exact-tie inputs resolve the same way. BLAS rounds differently across shapes
-# (blocking, fused multiply-adds: e.g. -2.2e-17 against an exact 0 for orthogonal rows), so a
-# subset product, a batched product or a matrix-vector product can differ from these in the last
-# bit. One product per image (not one batched product): an image's result never depends on the
-# rest of the batch.
+# forms them with exactly these ATen ops, on the same shapes and layouts (Triton calls these
+# functions; the C++ kernel makes the same calls), so that the matrix products round identically
+# and exact-tie inputs resolve the same way. BLAS rounds differently across shapes (blocking,
+# fused multiply-adds: e.g. -2.2e-17 against an exact 0 for orthogonal rows), so a subset product
+# or a per-image product can differ from the batched one in the last bit; what matters is that
+# every backend forms the same one. A batched product is one BLAS call for the whole batch, and
+# each image is its own matrix of it: its result does not depend on the rest of the batch
+# (python_tests/test_prune.py checks that on every backend).
 
 def vispruner_similarity(x: torch.Tensor) -> torch.Tensor:
-    """VisPruner's cosine similarities: [B, N, N], one product xn[b] @ xn[b].T per image
+    """VisPruner's cosine similarities: [B, N, N], one batched product xn @ xn^T
     (xn = l2_normalize(x) in the accumulation dtype). Entry [b, i, j] is tokens i, j of image b."""
     xn = l2_normalize(x.to(acc_dtype(x.dtype)))
-    B, N = x.shape[0], x.shape[1]
-    if B == 0:
-        return xn.new_zeros((0, N, N))
-    return torch.stack([xn[b] @ xn[b].T for b in range(B)])
+    return torch.matmul(xn, xn.transpose(1, 2))
 
 
 def prumerge_similarity(kn_b: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """PruMerge's key similarities of one image: [K, N], row t = the kept token kept[t] against
     every token. kn_b: [N, Ck] L2-normalised keys (l2_normalize of keys in the accumulation
-    dtype); kept: int64 [K] positions. One product per image."""
+    dtype); kept: int64 [K] positions. One product per image (the kept counts differ per image)."""
     return kn_b[kept] @ kn_b.T
 
 
@@ -278,7 +277,7 @@ def prumerge(x, keys, scores, knn: int = 32, plus: bool = False, per_sample: boo
             merged.append(xb[i] + (wb[near, None] * xb[near]).sum(dim=0))
         pruned = torch.ones(N, dtype=torch.bool, device=x.device)
         pruned[kept] = False
-        summary = (wb[pruned, None] * xb[pruned]).sum(dim=0)
+        summary = wb[pruned] @ xb[pruned]  # one matrix-vector product over the pruned tokens
         rows.append(torch.stack(merged + [summary]))
         lengths.append(len(kept) + 1)
     M = max(lengths, default=2)  # B = 0: the fake kernel's minimum (a kept token + the summary)

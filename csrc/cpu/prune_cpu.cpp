@@ -1,8 +1,8 @@
 // CPU kernels of the pruning ops: vispruner_select and prumerge (ALGORITHMS.md).
 //
-// Both compute their cosine similarities once, one matrix product per image (BLAS, all threads),
-// then work per image (or per output row) on the cached product:
-// - vispruner_select: the similarities of all tokens, [N, N] per image, once; the
+// Both compute their cosine similarities once (BLAS, all threads), then work per image (or per
+// output row) on the cached product:
+// - vispruner_select: the similarities of all tokens, [B, N, N], one batched product; the
 //   duplicate-removal rounds then only read that matrix (the published code re-gathers and
 //   re-multiplies the residual features every round).
 // - prumerge: the similarities of every kept token to every token, [K, N] per image; each output
@@ -137,11 +137,11 @@ at::Tensor vispruner_select_cpu(const at::Tensor& x, const at::Tensor& scores, i
   int64_t* op = out.data_ptr<int64_t>();
 
   const bool rounds = n_div > 0 && R0 > n_div;
-  // reference.vispruner_similarity: one product xn[b] @ xn[b].T per image, [N, N], all tokens.
-  std::vector<at::Tensor> S;
+  // reference.vispruner_similarity: one batched product xn @ xn^T, [B, N, N], all tokens.
+  at::Tensor S;
   if (rounds) {
     at::Tensor xn = l2_normalized(x);
-    for (int64_t b = 0; b < B; ++b) S.push_back(at::matmul(xn.select(0, b), xn.select(0, b).t()).contiguous());
+    S = at::matmul(xn, xn.transpose(1, 2)).contiguous();
   }
   AT_DISPATCH_FLOATING_TYPES(acc_type_of(x.scalar_type()), "vispruner_select_cpu", [&] {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -153,7 +153,7 @@ at::Tensor vispruner_select_cpu(const at::Tensor& x, const at::Tensor& scores, i
         std::copy(ord, ord + n_imp, o);
         if (n_div > 0) {
           if (rounds) {
-            dedup_rounds(S[b].const_data_ptr<scalar_t>(), N, ord + n_imp, R0, n_div, dedup_step, list, next, bidx,
+            dedup_rounds(S.const_data_ptr<scalar_t>() + b * N * N, N, ord + n_imp, R0, n_div, dedup_step, list, next, bidx,
                          ranked);
             for (int64_t t = 0; t < n_div; ++t) o[n_imp + t] = list[t];
           } else {  // R0 == n_div: nothing to remove

@@ -49,6 +49,9 @@ void check_row_length(int64_t N) {
                     " is more tokens than the CUDA kernels support (2^31 - 1)");
 }
 
+// Sizes the gather's grid; torch caches the properties of each device.
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
 // A gather moves bits, so the copy type depends on the element size only.
 template <typename F>
 void dispatch_element_size(const at::Tensor& x, const F& f) {
@@ -83,8 +86,10 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& indices) {
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), k = indices.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // The range check copies the extremes to the host, which a stream being captured into a CUDA
-  // graph does not allow; the kernel never reads outside x anyway (such rows come out as zeros).
+  // The range check copies the extremes to the host (one wait for the device), which a stream
+  // being captured into a CUDA graph does not allow; the kernel never reads outside x anyway
+  // (such rows come out as zeros). cudaStreamIsCapturing is what c10's
+  // currentStreamCaptureStatusMayInitCtx calls, without depending on that header's guards.
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture == cudaStreamCaptureStatusNone) check_gather_range(indices, N);
@@ -94,7 +99,7 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& indices) {
     using E = decltype(tag);
     gpu::launch_gather_tokens(static_cast<const E*>(x.const_data_ptr()), x.stride(0), x.stride(1), x.stride(2),
                               B, N, D, idx.const_data_ptr<int64_t>(), idx.stride(0), idx.stride(1), k,
-                              static_cast<E*>(out.data_ptr()), stream);
+                              static_cast<E*>(out.data_ptr()), sm_count(), stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -119,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> fopru_select_cuda(const at::Tensor& x, const 
       using E = decltype(tag);
       gpu::launch_fopru_select(sp, scores.stride(0), scores.stride(1), static_cast<const E*>(x.const_data_ptr()),
                                x.stride(0), x.stride(1), x.stride(2), B, N, D, keep, row_width,
-                               static_cast<E*>(out.data_ptr()), idx.data_ptr<int64_t>(), stream);
+                               static_cast<E*>(out.data_ptr()), idx.data_ptr<int64_t>(), sm_count(), stream);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

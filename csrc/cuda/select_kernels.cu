@@ -3,7 +3,9 @@
 // (8 bits per pass, one block histogram per pass), and one ordered pass with a block-wide prefix
 // scan writes the selected positions in raster order. There is no sort, the selection is exact,
 // and ties resolve by position because the final pass visits positions in order: the same
-// result as csrc/cpu/select_cpu.cpp, bit for bit.
+// result as csrc/cpu/select_cpu.cpp, bit for bit. The gather (gather_tokens, and fopru_select
+// after its selection kernel) is a separate grid of warps, each copying a segment of one output
+// row in 16-byte words: a block per image would leave most of the GPU idle at small batches.
 #include "select_kernels.cuh"
 
 #include "../common/rank_key.h"
@@ -12,6 +14,9 @@ namespace vtk {
 namespace gpu {
 namespace {
 
+// Selection blocks have up to 1024 threads. Their kernels say __launch_bounds__(kMaxThreads, 1):
+// with the bare bound, nvcc 13 gives sm_90 code 32 registers a thread and spills; one block of
+// 1024 threads may use 64, and the kernels need up to about 62.
 constexpr int kMaxThreads = 1024;
 constexpr int kRadixBits = 8;
 constexpr int kBins = 1 << kRadixBits;
@@ -20,8 +25,14 @@ constexpr int kBins = 1 << kRadixBits;
 // plain and capturable in CUDA graphs). Longer rows (over 9216 float-like or 4608 double scores)
 // re-read their scores from global memory, where they sit in L2 after the first pass.
 constexpr size_t kKeyCacheBytes = 36 * 1024;
+// The gather: 256-thread blocks, kCopyUnroll loads in flight per lane, segments of at least one
+// full unrolled step of a warp, work for about kGatherWarpsPerSm warps per SM, and a grid of at
+// most 8 blocks per SM (2048 threads, what an A100 or H100 SM can hold) looping over the work.
 constexpr int kGatherThreads = 256;
-constexpr int kGatherRowsPerBlock = 32;
+constexpr int kCopyUnroll = 4;
+constexpr int64_t kCopyMinSeg = 32 * kCopyUnroll;
+constexpr int64_t kGatherWarpsPerSm = 32;
+constexpr int64_t kGatherBlocksPerSm = 2048 / kGatherThreads;
 
 // ---- ranking keys -----------------------------------------------------------------------------
 
@@ -191,14 +202,22 @@ __device__ Threshold<K> find_threshold(const Keys& keys, int64_t n, uint32_t k, 
 
 __device__ __forceinline__ u64 min_u64(u64 a, u64 b) { return a < b ? a : b; }
 
-// Writes the positions of the k best keys, ascending, as out[j] = pos_base + i. One pass in
-// position order; a scan of (greater, equal) counts packed in one 64-bit word gives each
-// selected key its slot.
-template <typename K, typename Keys>
-__device__ void write_selected(const Keys& keys, int64_t n, uint32_t k, Threshold<K> th, int64_t* out,
-                               int64_t pos_base, SelectShared& sh) {
-  u64 gt_run = 0, eq_run = 0;  // counts over the chunks before; the same in every thread
-  for (int64_t base = 0; base < n && gt_run + min_u64(eq_run, th.need) < k; base += blockDim.x) {
+// Counts of keys above / equal to the threshold at the positions before some position.
+struct Counts {
+  u64 gt, eq;
+};
+
+// The one ordered pass of every selection: visits positions 0, 1, ... of n keys, a chunk of
+// blockDim.x at a time, until the `wanted` best have been seen (the keys above th.key and the
+// first th.need equal to it). A block-wide scan of (greater, equal) flags, packed in one 64-bit
+// word, gives each position the counts before it. visit(i, gt, before, chunk) runs for each
+// position whose key is above or equal to the threshold (chunk: the counts before the chunk);
+// chunk_end(chunk, after) runs in every thread after each chunk (it may synchronise the block).
+template <typename K, typename Keys, typename Visit, typename ChunkEnd>
+__device__ void scan_in_order(const Keys& keys, int64_t n, u64 wanted, Threshold<K> th, SelectShared& sh,
+                              const Visit& visit, const ChunkEnd& chunk_end) {
+  Counts run{0, 0};  // counts over the chunks before; the same in every thread
+  for (int64_t base = 0; base < n && run.gt + min_u64(run.eq, th.need) < wanted; base += blockDim.x) {
     const int64_t i = base + threadIdx.x;
     bool gt = false, eq = false;
     if (i < n) {
@@ -208,11 +227,25 @@ __device__ void write_selected(const Keys& keys, int64_t n, uint32_t k, Threshol
     }
     u64 total;
     const u64 before = block_exclusive_sum((static_cast<u64>(gt) << 32) | static_cast<u64>(eq), sh.scan, total);
-    const u64 gt_b = gt_run + (before >> 32), eq_b = eq_run + (before & 0xffffffffull);
-    if (gt || (eq && eq_b < th.need)) out[gt_b + min_u64(eq_b, th.need)] = pos_base + i;
-    gt_run += total >> 32;
-    eq_run += total & 0xffffffffull;
+    const Counts chunk = run;
+    if (gt || eq) visit(i, gt, Counts{chunk.gt + (before >> 32), chunk.eq + (before & 0xffffffffull)}, chunk);
+    run.gt += total >> 32;
+    run.eq += total & 0xffffffffull;
+    chunk_end(chunk, run);
   }
+}
+
+// Writes the positions of the k best keys, ascending, as out[j] = pos_base + i.
+template <typename K, typename Keys>
+__device__ void write_selected(const Keys& keys, int64_t n, uint32_t k, Threshold<K> th, int64_t* out,
+                               int64_t pos_base, SelectShared& sh) {
+  const u64 need = th.need;
+  scan_in_order(
+      keys, n, k, th, sh,
+      [&](int64_t i, bool gt, Counts b, Counts) {
+        if (gt || b.eq < need) out[b.gt + min_u64(b.eq, need)] = pos_base + i;
+      },
+      [](Counts, Counts) {});
 }
 
 // topk of one row: out[0, k) = pos_base + the positions of the k best of row[0, n), ascending.
@@ -248,44 +281,34 @@ template <typename Keys>
 __device__ void write_rows(const Keys& keys, int64_t H, int64_t W, uint32_t full, uint32_t rem,
                            Threshold<uint64_t> th, int64_t* out, SelectShared& sh, RowShared& rs) {
   const u64 need = th.need, ranked = full + (rem ? 1u : 0u);
-  auto full_before = [&](u64 gt_b, u64 eq_b) {  // full rows among positions before, by their counts
-    return gt_b + min_u64(eq_b, need) - ((rem && eq_b >= need) ? 1u : 0u);
+  auto full_before = [&](Counts c) {  // full rows among the positions counted in c
+    return c.gt + min_u64(c.eq, need) - ((rem && c.eq >= need) ? 1u : 0u);
   };
-  u64 gt_run = 0, eq_run = 0;
-  for (int64_t base = 0; base < H && gt_run + min_u64(eq_run, need) < ranked; base += blockDim.x) {
-    const int64_t r = base + threadIdx.x;
-    bool gt = false, eq = false;
-    if (r < H) {
-      const uint64_t key = keys(r);
-      gt = key > th.key;
-      eq = key == th.key;
-    }
-    u64 total;
-    const u64 before = block_exclusive_sum((static_cast<u64>(gt) << 32) | static_cast<u64>(eq), sh.scan, total);
-    const u64 gt_b = gt_run + (before >> 32), eq_b = eq_run + (before & 0xffffffffull);
-    const u64 chunk_first = full_before(gt_run, eq_run), fr = full_before(gt_b, eq_b);
-    const bool partial = rem && eq && eq_b + 1 == need;
-    const bool selected = gt || (eq && eq_b < need);
-    const int64_t offset = static_cast<int64_t>(fr) * W + ((rem && eq_b >= need) ? rem : 0);
-    // rs was last read by the previous chunk's copy, which the barriers of the scan above ended.
-    if (partial) {
-      rs.partial_row = r;
-      rs.partial_out = offset;
-    } else if (selected) {
-      rs.row[fr - chunk_first] = static_cast<int32_t>(r);
-      rs.out[fr - chunk_first] = static_cast<int32_t>(offset);
-    }
-    gt_run += total >> 32;
-    eq_run += total & 0xffffffffull;
-    const int nfull = static_cast<int>(full_before(gt_run, eq_run) - chunk_first);
-    __syncthreads();
-    // The whole block writes the chunk's full rows, so that a wide row is not left to one thread.
-    const int w32 = static_cast<int>(W);
-    for (int t = threadIdx.x; t < nfull * w32; t += blockDim.x) {
-      const int e = t / w32, w = t - e * w32;
-      out[rs.out[e] + w] = static_cast<int64_t>(rs.row[e]) * W + w;
-    }
-  }
+  scan_in_order(
+      keys, H, ranked, th, sh,
+      [&](int64_t r, bool gt, Counts b, Counts chunk) {
+        const u64 fr = full_before(b);
+        const int64_t offset = static_cast<int64_t>(fr) * W + ((rem && b.eq >= need) ? rem : 0);
+        // rs was last read by the previous chunk's copy, which the barriers of the scan ended.
+        if (!gt && rem && b.eq + 1 == need) {  // the partial row
+          rs.partial_row = r;
+          rs.partial_out = offset;
+        } else if (gt || b.eq < need) {
+          const u64 e = fr - full_before(chunk);
+          rs.row[e] = static_cast<int32_t>(r);
+          rs.out[e] = static_cast<int32_t>(offset);
+        }
+      },
+      [&](Counts chunk, Counts after) {
+        const int nfull = static_cast<int>(full_before(after) - full_before(chunk));
+        __syncthreads();
+        // The whole block writes the chunk's full rows, so that a wide row is not left to one thread.
+        const int w32 = static_cast<int>(W);
+        for (int t = threadIdx.x; t < nfull * w32; t += blockDim.x) {
+          const int e = t / w32, w = t - e * w32;
+          out[rs.out[e] + w] = static_cast<int64_t>(rs.row[e]) * W + w;
+        }
+      });
 }
 
 // FoPru row strategy (ALGORITHMS.md): the keep / W best grid rows whole, then the best keep % W
@@ -313,32 +336,66 @@ __device__ void fopru_rows(const S* row, int64_t stride, int64_t N, int64_t W, u
   }
 }
 
-// Warp w of the block copies rows j0 + w, j0 + w + nwarps, ... below j1: out[j] = x[idx[j]]. An
-// index outside [0, N) gives a row of zeros and is never dereferenced.
-template <typename E>
-__device__ void copy_rows(const E* x, int64_t sxn, int64_t sxd, int64_t N, int64_t D, const int64_t* idx,
-                          int64_t sik, int64_t j0, int64_t j1, E* out, bool vec16) {
+// ---- the gather ----------------------------------------------------------------------------------
+
+// One work unit of the gather: words [d0, d0 + seg) of output row `row` (of B * k rows), copied
+// by one warp. A word is 16 bytes (uint4) when every row is 16-byte aligned, else one element.
+// Each lane keeps kCopyUnroll loads in flight before it stores them: the loads and stores of one
+// lane no longer alternate (x and out never overlap: __restrict__), so a warp has 32 *
+// kCopyUnroll words in flight. Rows split into segments when there are few of them (B = 1), so
+// that every SM gets warps.
+template <typename Word>
+__global__ void __launch_bounds__(kGatherThreads)
+    gather_rows_kernel(const Word* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd, int64_t N, int64_t D,
+                       const int64_t* __restrict__ idx, int64_t sib, int64_t sik, int64_t k, int64_t seg,
+                       int64_t nseg, int64_t units, Word* __restrict__ out) {
   const int lane = threadIdx.x & 31;
-  const int64_t nwarps = blockDim.x >> 5;
-  for (int64_t j = j0 + (threadIdx.x >> 5); j < j1; j += nwarps) {
-    const int64_t r = idx[j * sik];
-    E* dst = out + j * D;
-    if (vec16) {
-      const int64_t nv = D * static_cast<int64_t>(sizeof(E)) / 16;
-      uint4* d4 = reinterpret_cast<uint4*>(dst);
-      if (r >= 0 && r < N) {
-        const uint4* s4 = reinterpret_cast<const uint4*>(x + r * sxn);
-        for (int64_t v = lane; v < nv; v += 32) d4[v] = s4[v];
-      } else {
-        for (int64_t v = lane; v < nv; v += 32) d4[v] = make_uint4(0u, 0u, 0u, 0u);
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); u < units;
+       u += warps) {
+    const int64_t row = u / nseg, d0 = (u - row * nseg) * seg;
+    const int64_t d1 = d0 + seg < D ? d0 + seg : D;
+    const int64_t b = row / k, j = row - b * k;
+    const int64_t r = idx[b * sib + j * sik];
+    Word* __restrict__ dst = out + row * D;
+    if (r >= 0 && r < N) {
+      const Word* __restrict__ src = x + b * sxb + r * sxn;
+      for (int64_t d = d0 + lane; d < d1; d += 32 * kCopyUnroll) {
+        Word w[kCopyUnroll];
+#pragma unroll
+        for (int t = 0; t < kCopyUnroll; ++t)
+          if (d + 32 * t < d1) w[t] = src[(d + 32 * t) * sxd];
+#pragma unroll
+        for (int t = 0; t < kCopyUnroll; ++t)
+          if (d + 32 * t < d1) dst[d + 32 * t] = w[t];
       }
-    } else if (r >= 0 && r < N) {
-      const E* src = x + r * sxn;
-      for (int64_t d = lane; d < D; d += 32) dst[d] = src[d * sxd];
-    } else {
-      for (int64_t d = lane; d < D; d += 32) dst[d] = E(0);
+    } else {  // an index outside [0, N): a row of zeros, x is never read
+      for (int64_t d = d0 + lane; d < d1; d += 32) dst[d] = Word{};
     }
   }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Sizes the gather in words of type Word (strides of x in words too): enough warps for every SM
+// (rows split into segments of at least kCopyMinSeg words when there are few), at most
+// kGatherBlocksPerSm resident blocks per SM, which loop over the units.
+template <typename Word>
+void launch_gather_rows(const Word* x, int64_t sxb, int64_t sxn, int64_t sxd, int64_t B, int64_t N, int64_t D,
+                        const int64_t* idx, int64_t sib, int64_t sik, int64_t k, Word* out, int sm_count,
+                        cudaStream_t stream) {
+  const int64_t sms = sm_count > 0 ? sm_count : 1;
+  const int64_t rows = B * k;
+  const int64_t want_per_row = ceil_div(sms * kGatherWarpsPerSm, rows);  // segments that fill the GPU
+  int64_t seg = ceil_div(ceil_div(D, want_per_row), 32) * 32;
+  if (seg < kCopyMinSeg) seg = kCopyMinSeg;
+  const int64_t nseg = ceil_div(D, seg);
+  const int64_t units = rows * nseg;
+  constexpr int64_t warps_per_block = kGatherThreads / 32;
+  const int64_t max_blocks = sms * kGatherBlocksPerSm;
+  const int64_t blocks = ceil_div(units, warps_per_block) < max_blocks ? ceil_div(units, warps_per_block) : max_blocks;
+  gather_rows_kernel<Word><<<static_cast<unsigned>(blocks), kGatherThreads, 0, stream>>>(
+      x, sxb, sxn, sxd, N, D, idx, sib, sik, k, seg, nseg, units, out);
 }
 
 // ---- kernels --------------------------------------------------------------------------------------
@@ -346,7 +403,7 @@ __device__ void copy_rows(const E* x, int64_t sxn, int64_t sxd, int64_t N, int64
 extern __shared__ __align__(16) unsigned char vtk_key_cache[];
 
 template <typename S>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, 1)
     topk_indices_kernel(const S* scores, int64_t sb, int64_t sn, int64_t N, int64_t k, int64_t* out,
                         size_t cache_bytes) {
   __shared__ SelectShared sh;
@@ -354,24 +411,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   best_k(scores + b * sb, sn, N, static_cast<uint32_t>(k), out + b * k, 0, vtk_key_cache, cache_bytes, sh);
 }
 
-template <typename E>
-__global__ void __launch_bounds__(kGatherThreads)
-    gather_tokens_kernel(const E* x, int64_t sxb, int64_t sxn, int64_t sxd, int64_t N, int64_t D,
-                         const int64_t* idx, int64_t sib, int64_t sik, int64_t k, int64_t tiles_per_row,
-                         int64_t tiles, E* out, bool vec16) {
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t b = tile / tiles_per_row;
-    const int64_t j0 = (tile - b * tiles_per_row) * kGatherRowsPerBlock;
-    const int64_t j1 = j0 + kGatherRowsPerBlock < k ? j0 + kGatherRowsPerBlock : k;
-    copy_rows(x + b * sxb, sxn, sxd, N, D, idx + b * sib, sik, j0, j1, out + b * k * D, vec16);
-  }
-}
-
-template <typename S, typename E>
-__global__ void __launch_bounds__(kMaxThreads)
-    fopru_select_kernel(const S* scores, int64_t sb, int64_t sn, const E* x, int64_t sxb, int64_t sxn,
-                        int64_t sxd, int64_t N, int64_t D, int64_t keep, int64_t row_width, E* out_x,
-                        int64_t* out_idx, size_t cache_bytes, bool vec16) {
+// FoPru's selection of one image per block; the kept rows are copied by the gather after it
+// (a block per image would leave most SMs idle at B = 1).
+template <typename S>
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    fopru_select_kernel(const S* scores, int64_t sb, int64_t sn, int64_t N, int64_t keep, int64_t row_width,
+                        int64_t* out_idx, size_t cache_bytes) {
   __shared__ SelectShared sh;
   __shared__ RowShared rs;
   const int64_t b = blockIdx.x;
@@ -382,8 +427,6 @@ __global__ void __launch_bounds__(kMaxThreads)
     fopru_rows(scores + b * sb, sn, N, row_width, static_cast<uint32_t>(keep), idx, vtk_key_cache,
                cache_bytes, sh, rs);
   }
-  __syncthreads();  // the indices were written by other threads of this block
-  copy_rows(x + b * sxb, sxn, sxd, N, D, idx, 1, 0, keep, out_x + b * keep * D, vec16);
 }
 
 // ---- launch helpers -----------------------------------------------------------------------------
@@ -412,6 +455,21 @@ void normalise_strides(int64_t B, int64_t N, int64_t D, int64_t& sxb, int64_t& s
   if (D == 1) sxd = 1;
 }
 
+// out[b, j, :] = x[b, idx[b, j], :], in 16-byte words where the layout allows it.
+template <typename E>
+void gather(const E* x, int64_t sxb, int64_t sxn, int64_t sxd, int64_t B, int64_t N, int64_t D, const int64_t* idx,
+            int64_t sib, int64_t sik, int64_t k, E* out, int sm_count, cudaStream_t stream) {
+  if (B == 0 || k == 0 || D == 0) return;
+  normalise_strides(B, N, D, sxb, sxn, sxd);
+  if (can_vectorise(x, sxb, sxn, sxd, D, sizeof(E), out)) {
+    constexpr int64_t per_word = 16 / sizeof(E);
+    launch_gather_rows(reinterpret_cast<const uint4*>(x), sxb / per_word, sxn / per_word, 1, B, N, D / per_word,
+                       idx, sib, sik, k, reinterpret_cast<uint4*>(out), sm_count, stream);
+  } else {
+    launch_gather_rows(x, sxb, sxn, sxd, B, N, D, idx, sib, sik, k, out, sm_count, stream);
+  }
+}
+
 }  // namespace
 
 template <typename S>
@@ -426,36 +484,25 @@ void launch_topk_indices(const S* scores, int64_t sb, int64_t sn, int64_t B, int
 template <typename E>
 void launch_gather_tokens(const E* x, int64_t sxb, int64_t sxn, int64_t sxd, int64_t B, int64_t N,
                           int64_t D, const int64_t* idx, int64_t sib, int64_t sik, int64_t k, E* out,
-                          cudaStream_t stream) {
-  if (B == 0 || k == 0 || D == 0) return;
-  normalise_strides(B, N, D, sxb, sxn, sxd);
-  const bool vec16 = can_vectorise(x, sxb, sxn, sxd, D, sizeof(E), out);
-  const int64_t tiles_per_row = (k + kGatherRowsPerBlock - 1) / kGatherRowsPerBlock;
-  const int64_t tiles = B * tiles_per_row;
-  const unsigned grid = static_cast<unsigned>(tiles < (1 << 30) ? tiles : (1 << 30));
-  gather_tokens_kernel<E><<<grid, kGatherThreads, 0, stream>>>(x, sxb, sxn, sxd, N, D, idx, sib, sik, k,
-                                                               tiles_per_row, tiles, out, vec16);
+                          int sm_count, cudaStream_t stream) {
+  gather(x, sxb, sxn, sxd, B, N, D, idx, sib, sik, k, out, sm_count, stream);
 }
 
 template <typename S, typename E>
 void launch_fopru_select(const S* scores, int64_t sb, int64_t sn, const E* x, int64_t sxb, int64_t sxn,
                          int64_t sxd, int64_t B, int64_t N, int64_t D, int64_t keep, int64_t row_width,
-                         E* out_x, int64_t* out_idx, cudaStream_t stream) {
+                         E* out_x, int64_t* out_idx, int sm_count, cudaStream_t stream) {
   if (B == 0) return;
-  normalise_strides(B, N, D, sxb, sxn, sxd);
-  const bool vec16 = can_vectorise(x, sxb, sxn, sxd, D, sizeof(E), out_x);
   const size_t key_bytes = sizeof(typename KeyType<S>::type);
   size_t cache = cache_for(N, key_bytes);
   if (row_width > 0) {  // the cache holds the row keys, then the partial row's keys
     const size_t rows = cache_for(N / row_width, sizeof(uint64_t)), cols = cache_for(row_width, key_bytes);
     cache = rows > cols ? rows : cols;
   }
-  // The block that selects also copies its image's kept rows: give a large copy all the warps,
-  // so that more loads are in flight on its SM.
-  const bool big_copy = keep * D * static_cast<int64_t>(sizeof(E)) >= (int64_t{1} << 18);
-  const int threads = big_copy ? kMaxThreads : select_threads(N);
-  fopru_select_kernel<S, E><<<static_cast<unsigned>(B), threads, cache, stream>>>(
-      scores, sb, sn, x, sxb, sxn, sxd, N, D, keep, row_width, out_x, out_idx, cache, vec16);
+  fopru_select_kernel<S><<<static_cast<unsigned>(B), select_threads(N), cache, stream>>>(
+      scores, sb, sn, N, keep, row_width, out_idx, cache);
+  // Stream order makes the copy wait for the indices; every index is in [0, N).
+  gather(x, sxb, sxn, sxd, B, N, D, out_idx, keep, 1, keep, out_x, sm_count, stream);
 }
 
 #define VTK_SCORE_TYPES(X) X(float) X(__half) X(__nv_bfloat16) X(double)
@@ -467,14 +514,14 @@ VTK_SCORE_TYPES(VTK_INSTANTIATE_TOPK)
 
 #define VTK_INSTANTIATE_GATHER(E)                                                                      \
   template void launch_gather_tokens<E>(const E*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                        const int64_t*, int64_t, int64_t, int64_t, E*, cudaStream_t);
+                                        const int64_t*, int64_t, int64_t, int64_t, E*, int, cudaStream_t);
 VTK_INSTANTIATE_GATHER(uint16_t)
 VTK_INSTANTIATE_GATHER(uint32_t)
 VTK_INSTANTIATE_GATHER(uint64_t)
 
 #define VTK_INSTANTIATE_FOPRU(S, E)                                                                     \
   template void launch_fopru_select<S, E>(const S*, int64_t, int64_t, const E*, int64_t, int64_t, int64_t, \
-                                          int64_t, int64_t, int64_t, int64_t, int64_t, E*, int64_t*,      \
+                                          int64_t, int64_t, int64_t, int64_t, int64_t, E*, int64_t*, int, \
                                           cudaStream_t);
 #define VTK_INSTANTIATE_FOPRU_ALL_E(S) \
   VTK_INSTANTIATE_FOPRU(S, uint16_t) VTK_INSTANTIATE_FOPRU(S, uint32_t) VTK_INSTANTIATE_FOPRU(S, uint64_t)
