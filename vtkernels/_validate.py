@@ -260,6 +260,6 @@ def check_gather_cache(tensors, index) -> tuple[int, int, int]:
 def check_gather_cache_range(index, L: int) -> None:
     """Data-dependent part of check_gather_cache (one host wait on CUDA; skipped by the fake)."""
     if index.numel():
-        lo, hi = (int(v) for v in torch.aminmax(index))
+        lo, hi = torch.stack(torch.aminmax(index)).tolist()  # both extremes in one device-to-host copy
         if lo < -1 or hi >= L:
             raise ValueError(f"index must lie in [-1, L) with L={L} (-1 = padding), got values in [{lo}, {hi}]")

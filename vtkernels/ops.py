@@ -222,8 +222,8 @@ _CUDA = {
     "vispruner_select": (_triton("prune", "vispruner_select"), ref.vispruner_select),
     "prumerge": (_triton("prune", "prumerge"), ref.prumerge),
     "attention_received_varlen": (None, ref.attention_received_varlen),
-    "glimpse_logits": (None, ref.glimpse_logits),
-    "gather_cache": (None, ref.gather_cache),
+    "glimpse_logits": (_triton("glimpse", "glimpse_logits"), ref.glimpse_logits),
+    "gather_cache": (_triton("glimpse", "gather_cache"), ref.gather_cache),
 }
 _FAKES = {
     "cls_attention": _fake_cls,

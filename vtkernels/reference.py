@@ -337,13 +337,21 @@ def gather_cache(tensors, index) -> list:
     [-1, L); any order, repeats allowed; -1 = a padding slot, written as zeros): [B, ..., M, D]."""
     B, L, M = V.check_gather_cache(tensors, index)
     V.check_gather_cache_range(index, L)
+    if L == 0:  # every slot is padding (index all -1); torch.gather cannot read a length-0 dim
+        return [t.new_zeros((*t.shape[:-2], M, t.shape[-1])) for t in tensors]
     pad = index < 0
     safe = index.clamp_min(0)
     out = []
     for t in tensors:
+        # A gather moves bits: done on an integer view of the same width, so every float format
+        # works (torch.gather has no float8 kernel) and NaN payloads survive.
+        bits = t.view(_BITS[t.element_size()])
         mid = t.shape[1:-2]
         idx = safe.reshape(B, *([1] * len(mid)), M, 1).expand(B, *mid, M, t.shape[-1])
-        g = torch.gather(t, t.dim() - 2, idx)
+        g = torch.gather(bits, t.dim() - 2, idx)
         keep = (~pad).reshape(B, *([1] * len(mid)), M, 1)
-        out.append(torch.where(keep, g, torch.zeros((), dtype=t.dtype, device=t.device)))
+        out.append(torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=t.device)).view(t.dtype))
     return out
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
