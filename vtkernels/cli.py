@@ -22,10 +22,10 @@ import torch
 ASSET_IMAGE = Path(__file__).with_name("assets") / "demo.png"
 
 # Small vocabulary for the embedded model: enough for a LLaVA-style prompt and readable output.
-DEMO_WORDS = ("<pad> <unk> <s> </s> <image> user assistant : ? . , ! a an the is are of in on at "
-              "with and to this that what where which how many picture image photo there it its "
-              "house roof door window tree sun sky cloud grass sign text red green blue yellow "
-              "white brown black small big left right top bottom one two three shows see i").split()
+DEMO_WORDS = tuple(("<pad> <unk> <s> </s> <image> user assistant : ? . , ! a an the is are of in on at "
+               "with and to this that what where which how many picture image photo there it its "
+               "house roof door window tree sun sky cloud grass sign text red green blue yellow "
+               "white brown black small big left right top bottom one two three shows see i").split())
 
 METHOD_ORDER = ("fopru_rank", "fopru_row", "vispruner", "prumerge", "prumerge_plus")
 
@@ -36,8 +36,9 @@ def progress(msg: str) -> None:
 
 # --------------------------------------------------------------------------- small models
 
-def tiny_tokenizer(words=DEMO_WORDS):
-    """Word-level fast tokenizer (lower-cased, punctuation split) with ``<image>`` special."""
+def tiny_tokenizer(words=DEMO_WORDS, special=("<image>",)):
+    """Word-level fast tokenizer (lower-cased, punctuation split) with ``special`` tokens kept
+    whole (they must be in ``words``)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {w: i for i, w in enumerate(words)}
@@ -48,7 +49,7 @@ def tiny_tokenizer(words=DEMO_WORDS):
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
                                   bos_token="<s>", eos_token="</s>",
-                                  additional_special_tokens=["<image>"])
+                                  additional_special_tokens=list(special))
     tok.padding_side = "left"  # what generate expects for batches
     return tok
 
@@ -97,6 +98,131 @@ def tiny_llava(kind: str = "llava", *, image_size: int = 224, patch_size: int = 
     gc = model.generation_config
     gc.pad_token_id, gc.bos_token_id, gc.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
     return model, processor
+
+
+QWEN_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
+
+
+class QwenPlaceholderProcessor:
+    """Text + images for a Qwen-VL model, as its processor prepares them, without the video
+    processor that ``Qwen2_5_VLProcessor`` insists on (it needs torchvision): the image
+    processor's ``pixel_values`` and ``image_grid_thw``, every ``<|image_pad|>`` expanded to its
+    image's merge units (``t h w / merge^2`` tokens), ``mm_token_type_ids`` (0 text, 1 image,
+    2 video). ``video_grid_thw`` expands ``<|video_pad|>`` the same way (the caller brings
+    ``pixel_values_videos``); with ``frames_apart`` (Qwen3-VL, Qwen3.5) each temporal patch becomes
+    its own ``<|vision_start|>`` ... ``<|vision_end|>`` block, as their processors lay videos out
+    (without the timestamp text between the blocks)."""
+
+    def __init__(self, tokenizer, image_processor, merge_size: int = 2, frames_apart: bool = False):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.merge_size = merge_size
+        self.frames_apart = frames_apart
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.video_token_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+
+    def _expand(self, texts, token, grids):
+        it = iter(grids.tolist() if grids is not None else [])
+        out = []
+        for t in texts:
+            pieces = t.split(token)
+            s = pieces[0]
+            for rest in pieces[1:]:
+                try:
+                    g = next(it)
+                except StopIteration:
+                    raise ValueError(f"more {token} placeholders than grids") from None
+                per_frame = token * (g[1] * g[2] // self.merge_size ** 2)
+                if token == "<|video_pad|>" and self.frames_apart:
+                    s += "".join(f"<|vision_start|>{per_frame}<|vision_end|>" for _ in range(g[0])) + rest
+                else:
+                    s += per_frame * g[0] + rest
+            out.append(s)
+        if next(it, None) is not None:
+            raise ValueError(f"fewer {token} placeholders than grids")
+        return out
+
+    def __call__(self, images=None, text=None, return_tensors="pt", padding=True, video_grid_thw=None, **_):
+        from transformers import BatchFeature
+        texts = [text] if isinstance(text, str) else list(text)
+        data = {}
+        if images is not None:
+            px = self.image_processor(images=images, return_tensors="pt")
+            data["pixel_values"], data["image_grid_thw"] = px["pixel_values"], px["image_grid_thw"]
+            texts = self._expand(texts, "<|image_pad|>", px["image_grid_thw"])
+        if video_grid_thw is not None:
+            texts = self._expand(texts, "<|video_pad|>", video_grid_thw)
+            data["video_grid_thw"] = video_grid_thw
+        enc = self.tokenizer(texts, return_tensors=return_tensors, padding=padding)
+        ids = enc["input_ids"]
+        data["input_ids"], data["attention_mask"] = ids, enc["attention_mask"]
+        data["mm_token_type_ids"] = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
+        return BatchFeature(data)
+
+
+def tiny_qwen(family: str = "qwen2_5_vl", *, vision_hidden: int = 32, vision_depth: int = 4,
+              vision_heads: int = 4, fullatt_block_indexes=None, window_size=None, deepstack=None,
+              text_hidden: int = 64, text_layers: int = 2, text_heads: int = 4, kv_heads: int = 2,
+              min_pixels: int = 4 * 28 * 28, max_pixels: int = 64 * 28 * 28, seed: int = 0):
+    """(model, processor): a Qwen2.5-VL (``family="qwen2_5_vl"``), Qwen3-VL (``"qwen3_vl"``) or
+    Qwen3.5 (``"qwen3_5"``) with random weights, built offline from configs, and a
+    ``QwenPlaceholderProcessor`` for it. Qwen2.5-VL: patches of 14 px, window attention in every
+    block but ``fullatt_block_indexes`` (default: the middle one and the last), windows of 2 x 2
+    merge units (``window_size`` px) so small images hold several; Qwen3-VL / Qwen3.5: patches of
+    16 px; Qwen3-VL's deepstack features from blocks ``deepstack`` (default: the first
+    min(2, text_layers)). Image sizes are bounded by ``min_pixels`` / ``max_pixels`` (in pixels,
+    as the Qwen image processor takes them)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(QWEN_FAMILIES)}, got {family!r}")
+    tok = tiny_tokenizer(DEMO_WORDS + QWEN_SPECIAL, special=QWEN_SPECIAL)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    head_dim = text_hidden // text_heads
+    if head_dim % 4:
+        raise ValueError("text_hidden / text_heads must be a multiple of 4 (M-RoPE sections)")
+    half = head_dim // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]  # temporal, height, width
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    patch = 14 if family == "qwen2_5_vl" else 16
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_heads=vision_heads, out_hidden_size=text_hidden, patch_size=patch, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    text = dict(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
+                num_attention_heads=text_heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                vocab_size=len(tok), max_position_embeddings=4096, rope_parameters=rope,
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as cls
+        vision["fullatt_block_indexes"] = list(fullatt_block_indexes if fullatt_block_indexes is not None
+                                               else sorted({vision_depth // 2 - 1, vision_depth - 1}))
+        vision["window_size"] = window_size or 2 * 2 * patch
+        vision["hidden_act"] = "silu"
+    elif family == "qwen3_vl":
+        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as cls
+        vision["num_position_embeddings"] = 64  # an 8 x 8 learned grid, resampled per image
+        vision["deepstack_visual_indexes"] = list(deepstack if deepstack is not None
+                                                  else range(min(2, text_layers, vision_depth)))
+        rope["mrope_interleaved"] = True
+    else:
+        from transformers import Qwen3_5Config as Config, Qwen3_5ForConditionalGeneration as cls
+        vision["num_position_embeddings"] = 64
+        rope["partial_rotary_factor"] = 1.0
+        rope["mrope_interleaved"] = True
+        # Gated delta-net (linear attention) layers, then a full-attention one, as Qwen3.5 mixes them.
+        text.update(layer_types=["linear_attention"] * (text_layers - 1) + ["full_attention"],
+                    linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=head_dim,
+                    linear_value_head_dim=head_dim, linear_conv_kernel_dim=2)
+    config = Config(vision_config=vision, text_config=text, **tokens)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    gc = model.generation_config
+    gc.pad_token_id, gc.bos_token_id, gc.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch,
+                                               merge_size=2, temporal_patch_size=2)
+    return model, QwenPlaceholderProcessor(tok, image_processor, frames_apart=family != "qwen2_5_vl")
 
 
 # --------------------------------------------------------------------------- demo
