@@ -393,6 +393,27 @@ def test_keep_all_reproduces_unpruned(family):
             assert torch.equal(out, gen)
 
 
+def test_generate_options_beams_and_dicts():
+    """Beams (rows repeated inside generate: Qwen3-VL's deepstack features follow) and
+    return_dict_in_generate behave as unpruned."""
+    model, proc = model_of("qwen3_vl")
+    texts, groups = ragged_batch()
+    batch = encode(proc, texts[:2], groups[:2])
+    L = batch["input_ids"].shape[1]
+    opts = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    with torch.no_grad():
+        want = model.generate(**batch, **opts)
+        with vhf.pruning(model, "vispruner", keep=1000):
+            got = model.generate(**batch, **opts)
+        assert torch.equal(got, want)
+        with vhf.pruning(model, "fopru_rank", keep=2):
+            out = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+            beams = model.generate(**batch, **opts)
+    assert torch.equal(out.sequences[:, :L], batch["input_ids"]) and len(out.logits) == 3
+    assert beams.shape[0] == 4 and torch.equal(beams[::2, :L], batch["input_ids"])
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_equals_each_sample_alone(family, method):
