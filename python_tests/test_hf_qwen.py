@@ -579,3 +579,30 @@ def test_lower_precision_runs():
         with vhf.pruning(m, method, **OPTS[method]), torch.no_grad():
             out = m.generate(**batch, max_new_tokens=2, do_sample=False)
         assert out.shape == (3, batch["input_ids"].shape[1] + 2)
+
+
+# ----------------------------------------------------------------------------- CUDA (GPU lane)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_cuda_end_to_end(family):
+    """On the GPU (vtk CUDA/Triton kernels): keep = all equals the unpruned model, every method runs
+    through generate and returns the caller's prompt; float32 and bf16."""
+    model, proc = tiny_qwen(family, seed=SEEDS[family])
+    model = model.cuda()
+    texts, groups = ragged_batch()
+    batch = encode(proc, texts, groups).to("cuda")
+    L = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        want = model(**batch).logits
+        with vhf.pruning(model, "fopru_rank", keep=1000):
+            got = model(**batch).logits
+        mask = batch["attention_mask"].bool()
+        assert_close(got[mask], want[mask], atol=1e-4, rtol=1e-4)
+        for dtype in (torch.float32, torch.bfloat16):
+            m = model.to(dtype)
+            for method in METHODS:
+                with vhf.pruning(m, method, **OPTS[method]):
+                    out = m.generate(**batch, max_new_tokens=3, do_sample=False)
+                assert torch.equal(out[:, :L], batch["input_ids"]) and out.shape[0] == 3
