@@ -570,6 +570,41 @@ def test_errors():
         model(**batch)
 
 
+def test_register_method_extension_point():
+    """A method living elsewhere (GlimpsePrune's pattern) registers itself by name; hf hands it the
+    model and the checked options, and never imports it."""
+    from vtkernels.hf import handle as hf_handle
+    model, _ = model_of("qwen2_5_vl")
+    seen = []
+
+    class Handle:
+        def remove(self):
+            seen.append("removed")
+
+    def factory(m, **opts):
+        seen.append((m, opts))
+        return Handle()
+
+    vhf.register_method("toy_in_llm", factory, {"threshold": 0.5})
+    try:
+        assert vhf.METHODS["toy_in_llm"] == {"threshold": 0.5}
+        with vhf.pruning(model, "toy_in_llm", threshold=0.7):
+            pass
+        assert seen == [(model, {"threshold": 0.7}), "removed"]
+        with pytest.raises(ValueError, match="unknown"):
+            vhf.apply_pruning(model, "toy_in_llm", keep=3)
+        with pytest.raises(ValueError, match="built in"):
+            vhf.register_method("vispruner", factory, {})
+    finally:
+        vhf.METHODS.pop("toy_in_llm", None)
+        hf_handle._METHOD_FACTORIES.pop("toy_in_llm", None)
+    import importlib.util
+    if importlib.util.find_spec("vtkernels.glimpse") is None:
+        # Not on this branch yet: named, and why.
+        with pytest.raises(ValueError, match="vtkernels.glimpse"):
+            vhf.apply_pruning(model, "glimpse")
+
+
 def test_lower_precision_runs():
     model, proc = model_of("qwen3_vl")
     m = copy.deepcopy(model).to(torch.bfloat16)
