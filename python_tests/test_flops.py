@@ -82,3 +82,57 @@ def test_llava_1_5_7b_against_published_figures():
     vp = prefill_flops(cfg, 32, 0, vision_layers=vision_layers_run(cfg, "vispruner"))
     assert 1 - vp.total / full.total == pytest.approx(0.91, abs=0.01)
     assert "TFLOPs" in str(full)
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL, Qwen3-VL
+
+def _qwen_case(family):
+    from vtkernels.cli import tiny_qwen
+    model, proc = tiny_qwen(family, seed=5)
+    model.set_attn_implementation("eager")
+    img = "<|vision_start|><|image_pad|><|vision_end|>"
+    # Two images of different sizes in one prompt; the larger spans several 2 x 2-unit windows with
+    # partial ones at the edge (Qwen2.5-VL).
+    images = [Image.new("RGB", (150, 100), (200, 40, 40)), Image.new("RGB", (60, 90), (20, 90, 200))]
+    inputs = proc(images=images, text=[f"user : {img} {img} what is this ? assistant :"])
+    return model, inputs
+
+
+def counted_apart(model, inputs, monkeypatch):
+    """FLOPs of a forward, minus what the scoring op itself counts (the formula leaves the pruning
+    ops out; the op may be served by a reference that multiplies matrices)."""
+    from vtkernels import ops
+    inner = []
+    real = ops.attention_received_varlen
+
+    def apart(*a, **kw):
+        with FlopCounterMode(display=False) as fc:
+            out = real(*a, **kw)
+        inner.append(fc.get_total_flops())
+        return out
+
+    monkeypatch.setattr(ops, "attention_received_varlen", apart)
+    return counted(model, inputs) - sum(inner)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_formula_counts_qwen_prefill(family, monkeypatch):
+    model, inputs = _qwen_case(family)
+    grids = inputs["image_grid_thw"]
+    n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    text = inputs["input_ids"].shape[1] - n_img
+    want = prefill_flops(model.config, n_img, text, grids=grids)
+    assert want.vision > 0 and want.projector > 0 and want.language > 0
+    assert counted(model, inputs) == pytest.approx(want.total, rel=2e-4)
+    for method, opts in (("fopru_rank", {"keep": 5}), ("vispruner", {"keep": 3}), ("prumerge_plus", {"knn": 4})):
+        with vhf.pruning(model, method, **opts) as h:
+            got = counted_apart(model, inputs, monkeypatch)
+        want = prefill_flops(model.config, sum(h.last_lengths), text, grids=grids)
+        assert got == pytest.approx(want.total, rel=2e-4)
+    assert vision_layers_run(model.config, "fopru_rank") == model.config.vision_config.depth
+
+
+def test_qwen_formula_needs_grids():
+    model, _ = _qwen_case("qwen2_5_vl")
+    with pytest.raises(ValueError, match="grids"):
+        prefill_flops(model.config, 10, 10)

@@ -1,8 +1,9 @@
-"""The ``vtk`` command: ``vtk demo`` (every pruning method on a LLaVA model, end to end) and
+"""The ``vtk`` command: ``vtk demo`` (every pruning method on a VLM, end to end) and
 ``vtk bench`` (the vtk ops against the reference implementations).
 
 ``vtk demo`` with no arguments needs no download: it builds a small LLaVA from a config with
-random weights, a word-level tokenizer and a CLIP image processor, and uses the bundled image.
+random weights, a word-level tokenizer and a CLIP image processor, and uses the bundled image;
+``--family qwen2_5_vl`` / ``qwen3_vl`` builds a small model of that family instead.
 Random weights mean the generated words are noise and the kept patches follow an untrained
 encoder's attention; timings, token counts, FLOPs and the mechanics are the real thing.
 ``--model DIR --image FILE --prompt TEXT`` runs a local checkpoint with its own processor.
@@ -22,10 +23,10 @@ import torch
 ASSET_IMAGE = Path(__file__).with_name("assets") / "demo.png"
 
 # Small vocabulary for the embedded model: enough for a LLaVA-style prompt and readable output.
-DEMO_WORDS = ("<pad> <unk> <s> </s> <image> user assistant : ? . , ! a an the is are of in on at "
-              "with and to this that what where which how many picture image photo there it its "
-              "house roof door window tree sun sky cloud grass sign text red green blue yellow "
-              "white brown black small big left right top bottom one two three shows see i").split()
+DEMO_WORDS = tuple(("<pad> <unk> <s> </s> <image> user assistant : ? . , ! a an the is are of in on at "
+               "with and to this that what where which how many picture image photo there it its "
+               "house roof door window tree sun sky cloud grass sign text red green blue yellow "
+               "white brown black small big left right top bottom one two three shows see i").split())
 
 METHOD_ORDER = ("fopru_rank", "fopru_row", "vispruner", "prumerge", "prumerge_plus")
 
@@ -36,8 +37,9 @@ def progress(msg: str) -> None:
 
 # --------------------------------------------------------------------------- small models
 
-def tiny_tokenizer(words=DEMO_WORDS):
-    """Word-level fast tokenizer (lower-cased, punctuation split) with ``<image>`` special."""
+def tiny_tokenizer(words=DEMO_WORDS, special=("<image>",)):
+    """Word-level fast tokenizer (lower-cased, punctuation split) with ``special`` tokens kept
+    whole (they must be in ``words``)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {w: i for i, w in enumerate(words)}
@@ -48,7 +50,7 @@ def tiny_tokenizer(words=DEMO_WORDS):
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
                                   bos_token="<s>", eos_token="</s>",
-                                  additional_special_tokens=["<image>"])
+                                  additional_special_tokens=list(special))
     tok.padding_side = "left"  # what generate expects for batches
     return tok
 
@@ -99,29 +101,178 @@ def tiny_llava(kind: str = "llava", *, image_size: int = 224, patch_size: int = 
     return model, processor
 
 
+QWEN_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
+QWEN_FLOPS = ("qwen2_5_vl", "qwen3_vl")  # families vtkernels.flops counts
+
+
+class QwenPlaceholderProcessor:
+    """Text + images for a Qwen-VL model, as its processor prepares them, without the video
+    processor that ``Qwen2_5_VLProcessor`` insists on (it needs torchvision): the image
+    processor's ``pixel_values`` and ``image_grid_thw``, every ``<|image_pad|>`` expanded to its
+    image's merge units (``t h w / merge^2`` tokens), ``mm_token_type_ids`` (0 text, 1 image,
+    2 video). ``video_grid_thw`` expands ``<|video_pad|>`` the same way (the caller brings
+    ``pixel_values_videos``); with ``frames_apart`` (Qwen3-VL, Qwen3.5) each temporal patch becomes
+    its own ``<|vision_start|>`` ... ``<|vision_end|>`` block, as their processors lay videos out
+    (without the timestamp text between the blocks)."""
+
+    def __init__(self, tokenizer, image_processor, merge_size: int = 2, frames_apart: bool = False):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.merge_size = merge_size
+        self.frames_apart = frames_apart
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.video_token_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+
+    def _expand(self, texts, token, grids):
+        it = iter(grids.tolist() if grids is not None else [])
+        out = []
+        for t in texts:
+            pieces = t.split(token)
+            s = pieces[0]
+            for rest in pieces[1:]:
+                try:
+                    g = next(it)
+                except StopIteration:
+                    raise ValueError(f"more {token} placeholders than grids") from None
+                per_frame = token * (g[1] * g[2] // self.merge_size ** 2)
+                if token == "<|video_pad|>" and self.frames_apart:
+                    s += "".join(f"<|vision_start|>{per_frame}<|vision_end|>" for _ in range(g[0])) + rest
+                else:
+                    s += per_frame * g[0] + rest
+            out.append(s)
+        if next(it, None) is not None:
+            raise ValueError(f"fewer {token} placeholders than grids")
+        return out
+
+    def __call__(self, images=None, text=None, return_tensors="pt", padding=True, video_grid_thw=None, **_):
+        from transformers import BatchFeature
+        texts = [text] if isinstance(text, str) else list(text)
+        data = {}
+        if images is not None:
+            px = self.image_processor(images=images, return_tensors="pt")
+            data["pixel_values"], data["image_grid_thw"] = px["pixel_values"], px["image_grid_thw"]
+            texts = self._expand(texts, "<|image_pad|>", px["image_grid_thw"])
+        if video_grid_thw is not None:
+            texts = self._expand(texts, "<|video_pad|>", video_grid_thw)
+            data["video_grid_thw"] = video_grid_thw
+        enc = self.tokenizer(texts, return_tensors=return_tensors, padding=padding)
+        ids = enc["input_ids"]
+        data["input_ids"], data["attention_mask"] = ids, enc["attention_mask"]
+        data["mm_token_type_ids"] = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
+        return BatchFeature(data)
+
+
+def tiny_qwen(family: str = "qwen2_5_vl", *, vision_hidden: int = 32, vision_depth: int = 4,
+              vision_heads: int = 4, fullatt_block_indexes=None, window_size=None, deepstack=None,
+              text_hidden: int = 64, text_layers: int = 2, text_heads: int = 4, kv_heads: int = 2,
+              min_pixels: int = 4 * 28 * 28, max_pixels: int = 64 * 28 * 28, seed: int = 0):
+    """(model, processor): a Qwen2.5-VL (``family="qwen2_5_vl"``), Qwen3-VL (``"qwen3_vl"``) or
+    Qwen3.5 (``"qwen3_5"``) with random weights, built offline from configs, and a
+    ``QwenPlaceholderProcessor`` for it. Qwen2.5-VL: patches of 14 px, window attention in every
+    block but ``fullatt_block_indexes`` (default: the middle one and the last), windows of 2 x 2
+    merge units (``window_size`` px) so small images hold several; Qwen3-VL / Qwen3.5: patches of
+    16 px; Qwen3-VL's deepstack features from blocks ``deepstack`` (default: the first
+    min(2, text_layers)). Image sizes are bounded by ``min_pixels`` / ``max_pixels`` (in pixels,
+    as the Qwen image processor takes them)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(QWEN_FAMILIES)}, got {family!r}")
+    tok = tiny_tokenizer(DEMO_WORDS + QWEN_SPECIAL, special=QWEN_SPECIAL)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    head_dim = text_hidden // text_heads
+    if head_dim % 4:
+        raise ValueError("text_hidden / text_heads must be a multiple of 4 (M-RoPE sections)")
+    half = head_dim // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]  # temporal, height, width
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    patch = 14 if family == "qwen2_5_vl" else 16
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_heads=vision_heads, out_hidden_size=text_hidden, patch_size=patch, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    text = dict(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
+                num_attention_heads=text_heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                vocab_size=len(tok), max_position_embeddings=4096, rope_parameters=rope,
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as cls
+        vision["fullatt_block_indexes"] = list(fullatt_block_indexes if fullatt_block_indexes is not None
+                                               else sorted({vision_depth // 2 - 1, vision_depth - 1}))
+        vision["window_size"] = window_size or 2 * 2 * patch
+        vision["hidden_act"] = "silu"
+    elif family == "qwen3_vl":
+        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as cls
+        vision["num_position_embeddings"] = 64  # an 8 x 8 learned grid, resampled per image
+        vision["deepstack_visual_indexes"] = list(deepstack if deepstack is not None
+                                                  else range(min(2, text_layers, vision_depth)))
+        rope["mrope_interleaved"] = True
+    else:
+        from transformers import Qwen3_5Config as Config, Qwen3_5ForConditionalGeneration as cls
+        vision["num_position_embeddings"] = 64
+        rope["partial_rotary_factor"] = 1.0
+        rope["mrope_interleaved"] = True
+        # Gated delta-net (linear attention) layers, then a full-attention one, as Qwen3.5 mixes them.
+        text.update(layer_types=["linear_attention"] * (text_layers - 1) + ["full_attention"],
+                    linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=head_dim,
+                    linear_value_head_dim=head_dim, linear_conv_kernel_dim=2)
+    config = Config(vision_config=vision, text_config=text, **tokens)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    gc = model.generation_config
+    gc.pad_token_id, gc.bos_token_id, gc.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch,
+                                               merge_size=2, temporal_patch_size=2)
+    return model, QwenPlaceholderProcessor(tok, image_processor, frames_apart=family != "qwen2_5_vl")
+
+
 # --------------------------------------------------------------------------- demo
 
+_LOCAL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                  "qwen3_5": "Qwen3_5ForConditionalGeneration"}
+
+
 def _load_local(model_dir: str, device: torch.device, dtype: Optional[torch.dtype]):
-    from transformers import (AutoConfig, AutoProcessor, LlavaForConditionalGeneration,
-                              LlavaNextForConditionalGeneration)
+    """A local checkpoint, its family read from its config's model_type."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
     cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
-    if cfg.model_type not in classes:
-        raise SystemExit(f"vtk demo: {model_dir} is a {cfg.model_type!r} model; "
-                         "supported: llava (LLaVA-1.5), llava_next (LLaVA-NeXT)")
+    if cfg.model_type not in _LOCAL_CLASSES:
+        raise SystemExit(f"vtk demo: {model_dir} is a {cfg.model_type!r} model; supported: "
+                         + ", ".join(_LOCAL_CLASSES))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = classes[cfg.model_type].from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    cls = getattr(transformers, _LOCAL_CLASSES[cfg.model_type])
+    model = cls.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 -- any failure: fall back where we can, else say why
+        if cfg.model_type not in QWEN_FAMILIES:
+            raise
+        # Qwen's processor insists on its video processor, which needs torchvision; images only
+        # need the tokenizer and the image processor.
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        progress(f"AutoProcessor failed ({type(e).__name__}: {e}); using the tokenizer and image processor")
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tok.padding_side = "left"
+        ip = Qwen2VLImageProcessorPil.from_pretrained(model_dir, local_files_only=True)
+        processor = QwenPlaceholderProcessor(tok, ip, merge_size=cfg.vision_config.spatial_merge_size,
+                                             frames_apart=cfg.model_type != "qwen2_5_vl")
     return model.to(device).eval(), processor
 
 
-def _prompt(processor, text: str) -> str:
-    if "<image>" in text:
+def _prompt(processor, text: str, qwen: bool) -> str:
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if qwen else "<image>"
+    if placeholder in text or (qwen and "<|image_pad|>" in text):
         return text
     if getattr(processor, "chat_template", None):
         conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(conv, add_generation_prompt=True)
+    if qwen:
+        return f"user : {placeholder} {text} assistant :"
     return f"USER: <image>\n{text} ASSISTANT:"
 
 
@@ -156,28 +307,31 @@ def _base_image(processor, pixel_values: torch.Tensor):
     return Image.fromarray(arr)
 
 
-def _panel(image, grid: int, kept: Optional[torch.Tensor], title: str, size: int = 240):
-    """The image with pruned patches dimmed and kept ones outlined, under a title bar."""
+def _panel(image, grid, kept: Optional[torch.Tensor], title: str, size: int = 240):
+    """The image with pruned cells dimmed and kept ones outlined, under a title bar. ``grid`` is
+    (rows, cols) of the token grid (an int: square)."""
     from PIL import Image, ImageDraw
-    im = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
+    scale = size / max(rows, cols)
+    w, h = max(1, round(cols * scale)), max(1, round(rows * scale))
+    im = image.convert("RGB").resize((w, h), Image.BICUBIC)
     if kept is not None:
-        cell = size / grid
-        mask = torch.zeros(grid * grid, dtype=torch.bool)
+        mask = torch.zeros(rows * cols, dtype=torch.bool)
         mask[kept.long()] = True
         shade = Image.new("RGB", im.size, (20, 20, 40))
         alpha = Image.new("L", im.size, 0)
         da = ImageDraw.Draw(alpha)
-        for p in range(grid * grid):
+        for p in range(rows * cols):
             if not mask[p]:
-                r, c = divmod(p, grid)
-                da.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], fill=185)
+                r, c = divmod(p, cols)
+                da.rectangle([c * scale, r * scale, (c + 1) * scale - 1, (r + 1) * scale - 1], fill=185)
         im = Image.composite(shade, im, alpha)
         d = ImageDraw.Draw(im)
         for p in kept.tolist():
-            r, c = divmod(int(p), grid)
-            d.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], outline=(255, 220, 0))
+            r, c = divmod(int(p), cols)
+            d.rectangle([c * scale, r * scale, (c + 1) * scale - 1, (r + 1) * scale - 1], outline=(255, 220, 0))
     out = Image.new("RGB", (size, size + 22), (255, 255, 255))
-    out.paste(im, (0, 22))
+    out.paste(im, ((size - w) // 2, 22 + (size - h) // 2))
     ImageDraw.Draw(out).text((4, 5), title, fill=(0, 0, 0))
     return out
 
@@ -227,35 +381,56 @@ def _demo(args) -> int:
         model, processor = _load_local(args.model, device, dtype)
         where = args.model
     else:
-        progress("building the embedded LLaVA (random weights, CLIP 224 px / 14, 256 patches) ...")
-        # The language model carries most of the FLOPs, as in LLaVA-1.5-7B (about 95% there).
-        model, processor = tiny_llava(text_hidden=256, text_layers=4)
+        if args.family == "llava":
+            progress("building the embedded LLaVA (random weights, CLIP 224 px / 14, 256 patches) ...")
+            # The language model carries most of the FLOPs, as in LLaVA-1.5-7B (about 95% there).
+            model, processor = tiny_llava(text_hidden=256, text_layers=4)
+            where = "embedded LLaVA (random weights)"
+        else:
+            name = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}[args.family]
+            progress(f"building the embedded {name} (random weights, up to 256 merge units per image) ...")
+            # The tower at the picture's size and aspect ratio, up to 256 merge units (1024 patches);
+            # the language model carries most of the FLOPs, as at 7B.
+            p = 14 if args.family == "qwen2_5_vl" else 16
+            model, processor = tiny_qwen(args.family, vision_hidden=64, vision_depth=4, text_hidden=512,
+                                         text_layers=4, min_pixels=64 * (2 * p) ** 2,
+                                         max_pixels=256 * (2 * p) ** 2)
+            where = f"embedded {name} (random weights)"
         model = model.to(device=device, dtype=dtype or torch.float32)
         if device.type == "cpu":
             # Ops this small cost less than waking a thread pool; one thread also keeps the
             # timings steady on a shared machine.
             torch.set_num_threads(1)
-        where = "embedded LLaVA (random weights)"
+    cfg = model.config
+    qwen = cfg.model_type in QWEN_FAMILIES
     image_path = Path(args.image) if args.image else ASSET_IMAGE
     image = Image.open(image_path).convert("RGB")
-    prompt = _prompt(processor, args.prompt)
+    prompt = _prompt(processor, args.prompt, qwen)
     inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
-    cfg = model.config
     vc = cfg.vision_config
-    grid = vc.image_size // vc.patch_size
-    N = grid * grid
+    if qwen:
+        # One image: its merged grid (h/2 x w/2); keep counts merge units, the tower runs in full.
+        _, gh, gw = (inputs["image_grid_thw"][0] // torch.tensor([1, vc.spatial_merge_size, vc.spatial_merge_size],
+                                                                 device=inputs["image_grid_thw"].device)).tolist()
+        grid, N, crops, unit = (gh, gw), gh * gw, 1, "merge units"
+        layout = f"a {gh} x {gw} grid of merge units"
+        base_img = image
+    else:
+        g = vc.image_size // vc.patch_size
+        grid, N, unit = g, g * g, "patches"
+        crops = inputs["pixel_values"].shape[1] if inputs["pixel_values"].dim() == 5 else 1
+        base_img = _base_image(processor, inputs["pixel_values"])
+        layout = f"{crops} crop{'s' if crops > 1 else ''}"
     keep = args.keep if args.keep is not None else min(64, max(1, N // 4))
     if not 1 <= keep <= N:
         raise SystemExit(f"vtk demo: --keep must be in [1, {N}]")
     L = inputs["input_ids"].shape[1]
     n_img = int((inputs["input_ids"] == cfg.image_token_id).sum())
     n_text = L - n_img
-    crops = inputs["pixel_values"].shape[1] if inputs["pixel_values"].dim() == 5 else 1
     methods = [m for m in METHOD_ORDER if args.methods is None or m in args.methods]
     runs = [("unpruned", None, {})] + [
         (m, m, {} if m.startswith("prumerge") else {"keep": keep}) for m in methods]
-    base_img = _base_image(processor, inputs["pixel_values"])
-    panels = [_panel(base_img, grid, None, f"input ({N} patches)")]
+    panels = [_panel(base_img, grid, None, f"input ({N} {unit})")]
     results = []
     for i, (name, method, opts) in enumerate(runs, 1):
         progress(f"[{i}/{len(runs)}] {name}: generate {args.max_new_tokens} tokens ...")
@@ -276,18 +451,26 @@ def _demo(args) -> int:
         for r in results:
             with _maybe_pruning(vhf, model, r["method"], r["opts"]), torch.inference_mode():
                 r["times"].append(_time_prefill(model, inputs, device))
+
+    def flops_of(r):
+        if qwen:
+            if cfg.model_type not in QWEN_FLOPS:
+                return None  # Qwen3.5's linear-attention layers are not counted
+            return prefill_flops(cfg, r["visual"], n_text, grids=inputs["image_grid_thw"]).total
+        return prefill_flops(cfg, r["visual"], n_text, crops=crops, projected_tokens=r["projected"],
+                             vision_layers=vision_layers_run(cfg, r["method"])).total
+
     rows = []
     base = results[0]
     base_time = statistics.median(base["times"])
     base_flops = None
     for r in results:
         seconds = statistics.median(r["times"])
-        fl = prefill_flops(cfg, r["visual"], n_text, crops=crops, projected_tokens=r["projected"],
-                           vision_layers=vision_layers_run(cfg, r["method"])).total
+        fl = flops_of(r)
         base_flops = base_flops or fl
         rows.append([r["name"], f"{r['visual']}/{n_img}", f"{seconds * 1e3:.1f}",
-                     f"{base_time / seconds:.2f}x", _fmt_flops(fl), f"{100 * (1 - fl / base_flops):.0f}%",
-                     r["text"][:48]])
+                     f"{base_time / seconds:.2f}x", "n/a" if fl is None else _fmt_flops(fl),
+                     "n/a" if fl is None else f"{100 * (1 - fl / base_flops):.0f}%", r["text"][:48]])
         if r["kept"] is not None:
             n = r["visual"]
             if r["method"].startswith("prumerge"):
@@ -297,13 +480,13 @@ def _demo(args) -> int:
             panels.append(_panel(base_img, grid, r["kept"], title))
     header = ["method", "visual tokens", "prefill ms", "speed-up", "prefill FLOPs", "fewer", "generated"]
     print(f"\n{where} on {device}, prompt {n_text} text tokens + {n_img} image tokens"
-          f" ({crops} crop{'s' if crops > 1 else ''}); keep={keep} for the fixed-budget methods\n")
+          f" ({layout}); keep={keep} for the fixed-budget methods\n")
     print(_table(rows, header))
     print("\nprefill = one forward (vision tower, pruning, language model), median of "
           f"{args.repeats}; FLOPs from vtkernels.flops (matmuls: tower, projector, LM).")
     out_path = Path(args.out)
     _sheet(panels).save(out_path)
-    print(f"kept patches: {out_path} (dimmed = pruned; PruMerge: the merge centres)")
+    print(f"kept {unit}: {out_path} (dimmed = pruned; PruMerge: the merge centres)")
     progress(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0
 
@@ -367,12 +550,16 @@ def bench(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vtk", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="prune a LLaVA prefill with every method; table and PNG")
-    d.add_argument("--model", help="local LLaVA / LLaVA-NeXT checkpoint directory (default: embedded)")
+    d = sub.add_parser("demo", help="prune a VLM prefill with every method; table and PNG")
+    d.add_argument("--model", help="local checkpoint directory (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL, "
+                                   "Qwen3.5; the family is read from its config; default: embedded)")
+    d.add_argument("--family", default="llava", choices=["llava", "qwen2_5_vl", "qwen3_vl"],
+                   help="the embedded model's family (without --model)")
     d.add_argument("--image", help=f"image file (default: the bundled {ASSET_IMAGE.name})")
     d.add_argument("--prompt", default="What is in this picture?", help="question about the image")
     d.add_argument("--keep", type=int, default=None,
-                   help="visual tokens per image for fopru/vispruner (default: min(64, patches/4))")
+                   help="visual tokens per image for fopru/vispruner, merge units on Qwen "
+                        "(default: min(64, tokens/4))")
     d.add_argument("--methods", nargs="+", choices=METHOD_ORDER, default=None)
     d.add_argument("--max-new-tokens", type=int, default=12)
     d.add_argument("--repeats", type=int, default=7, help="timed prefills per method")

@@ -22,13 +22,33 @@ head dim. Attention is counted as the full S x S product, as dense kernels compu
 kernel skips about half). Unpruned, Hugging Face runs every layer of the vision tower, though
 LLaVA reads layer -2; pruned with vtkernels.hf, the tower stops at the feature layer (PruMerge adds
 the last layer's q and k projections). ``vision_layers_run`` gives those counts.
+
+Qwen2.5-VL and Qwen3-VL (``qwen_prefill_flops``; ``prefill_flops`` hands their configs to it): the
+tower sees the images' patches packed, S = sum of t h w over the images, width C, MLP width I,
+patch p, temporal patch tp, merge m (units of m^2 patches, U = S / m^2), LLM width D:
+
+    vision    = 2 S C 3 tp p^2                            patch embedding (a Conv3d = a matmul)
+              + blocks * (8 S C^2 + mlp S C I)            qkv (fused) and proj; MLP: 6 (Qwen2.5-VL,
+                                                          gated) or 4 (Qwen3-VL) per S C I
+              + 4 C * sum over attention segments of n^2  QK^T and AV: full-attention blocks attend
+                                                          within each frame (n = h w), Qwen2.5-VL's
+                                                          window blocks within each window
+              + mergers * 2 U (m^2 C (m^2 C) + m^2 C D)   the merger (Qwen3-VL: + one per deepstack
+                                                          layer), two linears over every unit
+    language  = as above, S_lm = visual + text tokens
+
+The tower always runs in full (the merger's output is the features), pruned or not; pruning
+shortens the language model's sequence only. The scoring op's work is left out as above.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["PrefillFlops", "prefill_flops", "vision_layers_run", "llava_1_5_7b_config"]
+__all__ = ["PrefillFlops", "prefill_flops", "qwen_prefill_flops", "vision_layers_run", "llava_1_5_7b_config",
+           "qwen2_5_vl_7b_config"]
+
+QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,8 @@ def vision_layers_run(config, method: Optional[str] = None) -> float:
     does), up to the feature layer under vtkernels.hf. PruMerge's extra q/k projections of the
     last layer count as a fraction of a layer (returned as a float)."""
     vc = config.vision_config
+    if getattr(config, "model_type", "") in QWEN_TYPES:
+        return float(vc.depth)  # the merger reads the last block: the tower always runs in full
     L = vc.num_hidden_layers
     if method is None:
         return float(L)
@@ -74,7 +96,7 @@ def vision_layers_run(config, method: Optional[str] = None) -> float:
 
 def prefill_flops(config, visual_tokens: int, text_tokens: int, *, crops: int = 1,
                   projected_tokens: Optional[int] = None, vision_layers: Optional[float] = None,
-                  logits_tokens: int = 1, batch: int = 1) -> PrefillFlops:
+                  logits_tokens: int = 1, batch: int = 1, grids=None) -> PrefillFlops:
     """FLOPs of one prefill of a LLaVA ``config`` (LlavaConfig or LlavaNextConfig).
 
     visual_tokens: image tokens in the language model's sequence (kept tokens, newlines included);
@@ -82,8 +104,18 @@ def prefill_flops(config, visual_tokens: int, text_tokens: int, *, crops: int = 
     projected_tokens: tokens through the projector (default visual_tokens); vision_layers: encoder
     layers run (default all, see ``vision_layers_run``); logits_tokens: positions the LM head
     scores (1, as generate does; S for a full forward). Returns per-part FLOPs for ``batch``
-    sequences. The formula is in this module's docstring.
+    sequences. The formula is in this module's docstring. Qwen2.5-VL / Qwen3-VL configs go to
+    ``qwen_prefill_flops`` (pass ``grids=``, the images' ``image_grid_thw``).
     """
+    if getattr(config, "model_type", "") == "qwen3_5":
+        raise ValueError("Qwen3.5's language model mixes gated delta-net (linear attention) layers in, "
+                         "which vtkernels.flops does not count")
+    if getattr(config, "model_type", "") in QWEN_TYPES:
+        if grids is None:
+            raise ValueError("Qwen-VL prefill FLOPs need grids= (image_grid_thw: the tower's work depends on "
+                             "each image's size)")
+        return qwen_prefill_flops(config, grids, visual_tokens, text_tokens, logits_tokens=logits_tokens,
+                                  batch=batch)
     vc, tc = config.vision_config, config.text_config
     C, I, p = vc.hidden_size, vc.intermediate_size, vc.patch_size
     N = (vc.image_size // p) ** 2
@@ -92,16 +124,58 @@ def prefill_flops(config, visual_tokens: int, text_tokens: int, *, crops: int = 
     per_layer = 8 * T * C * C + 4 * T * T * C + 4 * T * C * I
     vision = crops * (2 * N * C * 3 * p * p + layers * per_layer)
 
+    D = tc.hidden_size
+    Vp = visual_tokens if projected_tokens is None else projected_tokens
+    projector = 2 * Vp * (C * D + D * D)
+    language = _language_flops(tc, visual_tokens + text_tokens, logits_tokens)
+    return PrefillFlops(vision=float(batch * vision), projector=float(batch * projector),
+                        language=float(batch * language))
+
+
+def _language_flops(tc, S: int, logits_tokens: int) -> float:
     D, I_lm = tc.hidden_size, tc.intermediate_size
     heads = tc.num_attention_heads
     head_dim = _get(tc, "head_dim", D // heads)
     d_q = heads * head_dim
     d_kv = _get(tc, "num_key_value_heads", heads) * head_dim
-    Vp = visual_tokens if projected_tokens is None else projected_tokens
-    projector = 2 * Vp * (C * D + D * D)
-    S = visual_tokens + text_tokens
     per_lm_layer = 2 * S * D * (2 * d_q + 2 * d_kv) + 4 * S * S * d_q + 6 * S * D * I_lm
-    language = tc.num_hidden_layers * per_lm_layer + 2 * D * tc.vocab_size * logits_tokens
+    return tc.num_hidden_layers * per_lm_layer + 2 * D * tc.vocab_size * logits_tokens
+
+
+def _window_lengths(gh: int, gw: int, ws: int) -> list:
+    """Merge units per window of a gh x gw unit grid cut into ws x ws windows (partial at the edges)."""
+    return [min(ws, gh - r) * min(ws, gw - c) for r in range(0, gh, ws) for c in range(0, gw, ws)]
+
+
+def qwen_prefill_flops(config, grids, visual_tokens: int, text_tokens: int, *, logits_tokens: int = 1,
+                       batch: int = 1) -> PrefillFlops:
+    """FLOPs of one prefill of a Qwen2.5-VL or Qwen3-VL ``config`` whose images have the patch
+    grids ``grids`` ([[t, h, w], ...], the processor's ``image_grid_thw``), with ``visual_tokens``
+    image tokens in the language model's sequence (pruned or not) and ``text_tokens`` others. The
+    tower's work is in ``vision``, its merger(s) in ``projector``. Formula: module docstring."""
+    if getattr(config, "model_type", "") not in QWEN_TYPES:
+        raise ValueError(f"qwen_prefill_flops counts {', '.join(QWEN_TYPES)}, got {getattr(config, 'model_type', None)!r}")
+    vc, tc = config.vision_config, config.text_config
+    grids = [list(map(int, g)) for g in (grids.tolist() if hasattr(grids, "tolist") else grids)]
+    C, I, p, tp, m = vc.hidden_size, vc.intermediate_size, vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
+    S = sum(t * h * w for t, h, w in grids)
+    U = S // (m * m)
+    qwen25 = config.model_type == "qwen2_5_vl"
+    blocks = vc.depth
+    mlp = 6 if qwen25 else 4  # gated (gate, up, down) or two linears
+    vision = 2 * S * C * 3 * tp * p * p + blocks * (8 * S * C * C + mlp * S * C * I)
+    frames = sum(t * (h * w) ** 2 for t, h, w in grids)  # a full-attention segment per frame
+    if qwen25:
+        ws = vc.window_size // p // m
+        windows = sum(t * sum((n * m * m) ** 2 for n in _window_lengths(h // m, w // m, ws)) for t, h, w in grids)
+        full = len(vc.fullatt_block_indexes)
+        vision += 4 * C * (full * frames + (blocks - full) * windows)
+    else:
+        vision += 4 * C * blocks * frames
+    mergers = 1 + len(_get(vc, "deepstack_visual_indexes", []) if not qwen25 else [])
+    Cm = m * m * C
+    projector = mergers * 2 * U * (Cm * Cm + Cm * vc.out_hidden_size)
+    language = _language_flops(tc, visual_tokens + text_tokens, logits_tokens)
     return PrefillFlops(vision=float(batch * vision), projector=float(batch * projector),
                         language=float(batch * language))
 
@@ -118,3 +192,16 @@ def llava_1_5_7b_config():
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000,
                        vision_feature_layer=-2, vision_feature_select_strategy="default",
                        projector_hidden_act="gelu")
+
+
+def qwen2_5_vl_7b_config():
+    """The shapes of Qwen2.5-VL-7B-Instruct: a 32-block tower of width 1280 (full attention in blocks
+    7, 15, 23, 31; windows of 112 px), 14 px patches, 2 x 2 merge, a 28-layer LLM of width 3584."""
+    from transformers import Qwen2_5_VLConfig
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text)

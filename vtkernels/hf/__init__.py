@@ -27,8 +27,10 @@ to adapter and from method name to an external implementation, ``register_method
 from .handle import PruningHandle, apply_pruning, pruning, register_adapter, register_method
 from .llava import LlavaAdapter
 from .methods import METHODS
+from .qwen_vl import QwenVLAdapter
 
-for _name in LlavaAdapter.classes:
-    register_adapter(_name, LlavaAdapter)
+for _adapter in (LlavaAdapter, QwenVLAdapter):
+    for _name in _adapter.classes:
+        register_adapter(_name, _adapter)
 
 __all__ = ["METHODS", "PruningHandle", "apply_pruning", "pruning", "register_adapter", "register_method"]
