@@ -306,15 +306,17 @@ class LlavaTrainAdapter:
         D, Hq = attn.head_dim, p.num_heads
         cos, sin = pe
         q = got["q"][bidx, gidx].view(B, Hq, D)
-        q = q * cos[bidx, gidx][:, None] + _rotate_half(q) * sin[bidx, gidx][:, None]
         k = got["k"].view(B, S, -1, D)
-        k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        k = k.to(dt).repeat_interleave(Hq // k.shape[2], dim=2)
-        row = torch.einsum("bhd,bshd->bhs", q.to(dt), k) * attn.scaling
-        if not head.use_attention_logits:
-            seen = (mask != 0) & (torch.arange(S, device=device)[None] <= gidx[:, None])
-            row = row.masked_fill(~seen[:, None], float("-inf")).log_softmax(-1)
+        # In float32 even under bf16 autocast, as ops.glimpse_logits computes it at inference.
+        with torch.autocast(device.type, enabled=False):
+            q = q * cos[bidx, gidx][:, None] + _rotate_half(q) * sin[bidx, gidx][:, None]
+            k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
+            k = k.to(dt).repeat_interleave(Hq // k.shape[2], dim=2)
+            row = torch.einsum("bhd,bshd->bhs", q.to(dt), k) * attn.scaling
+            if not head.use_attention_logits:
+                seen = (mask != 0) & (torch.arange(S, device=device)[None] <= gidx[:, None])
+                row = row.masked_fill(~seen[:, None], float("-inf")).log_softmax(-1)
         A = row.transpose(1, 2)[is_img].view(B, N, Hq)
         logits = head.predict(A, conds, (self.grid, self.grid))
         # LM loss: position t predicts token t + 1; only the answer's targets are scored, and the

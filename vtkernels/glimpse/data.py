@@ -236,6 +236,10 @@ class GlimpseDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def __repr__(self) -> str:  # not the dataclass one: it would print the whole processor
+        return (f"GlimpseDataset({len(self.rows)} rows, {len(self.bad_rows)} bad of {self.rows_read} read, "
+                f"{type(self.adapter).__name__})")
+
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
         from PIL import Image

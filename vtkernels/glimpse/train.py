@@ -322,7 +322,7 @@ def _load_checkpoint(resume, head, opt, sched, gen, settings, result) -> int:
         if latest is None:
             raise ValueError(f"resume: {path} holds no checkpoint ({STATE_FILE} or checkpoint-<step>/)")
         path = latest
-    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
     saved = state.get("settings", {})
     diff = [f"{k}: {saved.get(k)!r} (checkpoint) != {settings[k]!r} (now)" for k in _RESUME_KEYS
             if saved.get(k) != settings[k]]
