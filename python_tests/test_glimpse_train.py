@@ -239,6 +239,8 @@ def test_resume_reproduces_the_uninterrupted_run(small_set, tmp_path, dtype):
     data_b = GlimpseDataset.from_source(rows, root, proc, model, report=None)
     resumed = train(model, head_b, data_b, out=tmp_path / "b", resume=tmp_path / "a" / "checkpoint-2", **opts)
     assert len(full.history) == 6
+    # It did resume at step 2: it wrote the checkpoints of steps 4 and 6, not that of step 2.
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     assert resumed.history == full.history  # exact: every loss of every step, as Python floats
     for (n, a), (_, b) in zip(head_a.state_dict().items(), head_b.state_dict().items()):
         assert torch.equal(a, b), n
@@ -250,6 +252,9 @@ def test_resume_reproduces_the_uninterrupted_run(small_set, tmp_path, dtype):
     assert all(torch.equal(a, b) for a, b in zip(head_a.state_dict().values(), head_c.state_dict().values()))
     with pytest.raises(ValueError, match="total_steps"):
         train(model, make_head(model).to(dtype), data, **{**opts, "steps": 8}, resume=tmp_path / "a")
+    other = GlimpseDataset.from_source(rows, root, proc, model, max_samples=9, report=None)
+    with pytest.raises(ValueError, match="samples: 10 .checkpoint. != 9"):
+        train(model, make_head(model).to(dtype), other, **opts, resume=tmp_path / "a")
     with pytest.raises(ValueError, match="holds no checkpoint"):
         train(model, make_head(model).to(dtype), data, **opts, resume=tmp_path / "nothing")
 
@@ -560,14 +565,20 @@ def test_train_options(small_set, tmp_path):
     assert next(hb.parameters()).dtype == torch.float32
 
 
-def test_progress_goes_to_the_stream(small_set):
+def test_progress_goes_to_the_stream(small_set, monkeypatch):
     import io
     root, rows = small_set
     model, proc = tiny(rescale=False, text_layers=1, vision_layers=1)
     data = GlimpseDataset.from_source(rows, root, proc, model, report=None)
     s = io.StringIO()
+    train(model, make_head(model), data, steps=2, stream=s)  # tqdm's bar
+    assert "glimpse-train" in s.getvalue() and "loss=" in s.getvalue() and "dice=" in s.getvalue()
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed: plain lines
+    s = io.StringIO()
     train(model, make_head(model), data, steps=2, stream=s)
-    assert "loss" in s.getvalue() and "dice" in s.getvalue()
+    lines = s.getvalue().splitlines()
+    assert [ln.split()[:3] for ln in lines] == [["glimpse-train", "step", "1/2"], ["glimpse-train", "step", "2/2"]]
+    assert all(" loss " in ln and " dice " in ln and " lm " in ln and " bce " in ln for ln in lines)
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -591,13 +602,16 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "9 training samples (10 rows read, 1 skipped)" in captured.err
     assert "evaluation on 4 rows" in captured.out and "dice" in captured.out and "kept ratio" in captured.out
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-3").is_dir()
+    assert len(json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["history"]) == 3
     head = GlimpseHead.from_pretrained(out)
     assert head.reduce_layer == 1  # round(2/3 of 2 layers)
-    # Resuming the finished run from its folder: nothing left to train, the same head.
-    assert cli.main(args + ["--resume", str(out)]) == 0
+    # Resuming the finished run from its folder: nothing left to train, the same head; evaluated
+    # on held-out rows this time.
+    held = write_synthetic(str(tmp_path), 3, 12, "held.jsonl")
+    assert cli.main(args + ["--resume", str(out), "--eval-data", held]) == 0
     again = GlimpseHead.from_pretrained(out)
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values()))
-    capsys.readouterr()
+    assert f"evaluation on 3 rows of {held}:" in capsys.readouterr().out
     # Too many bad rows: a clear error, not a traceback.
     with pytest.raises(SystemExit, match="rows are bad"):
         cli.main(args[:-6] + ["--max-bad-fraction", "0.05"])

@@ -22,7 +22,7 @@ and M-RoPE positions for the glimpse (all three rows) and the shifted answer. It
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -29,6 +29,7 @@ final head is also written to ``out/`` itself.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -53,7 +54,7 @@ STATE_JSON = "trainer_state.json"
 DICE_EPS = 1e-6
 BCE_WEIGHT = 0.1
 # Settings a resumed run must share with the run it continues: any of them changes the loss curve.
-_RESUME_KEYS = ("total_steps", "batch_size", "grad_accum", "seed", "samples", "lr", "warmup_steps",
+_RESUME_KEYS = ("total_steps", "batch_size", "grad_accum", "seed", "samples", "data", "lr", "warmup_steps",
                 "weight_decay", "max_grad_norm", "glimpse_dropout")
 
 
@@ -226,7 +227,7 @@ def train(model, head: GlimpseHead, data, *, steps: Optional[int] = None, epochs
     bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
     warmup = math.ceil(warmup_ratio * total)
     settings = {"total_steps": total, "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed,
-                "samples": len(data), "lr": lr, "warmup_steps": warmup, "weight_decay": weight_decay,
+                "samples": len(data), "data": _fingerprint(data), "lr": lr, "warmup_steps": warmup, "weight_decay": weight_decay,
                 "max_grad_norm": max_grad_norm, "glimpse_dropout": glimpse_dropout}
 
     from transformers import get_cosine_schedule_with_warmup
@@ -289,6 +290,16 @@ def train(model, head: GlimpseHead, data, *, steps: Optional[int] = None, epochs
         head.train(head_training)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _fingerprint(data) -> str:
+    """What the rows say (not where the image folder is): another file or filter changes the
+    order's meaning, so a resume across it would not continue the same run."""
+    h = hashlib.sha1()
+    for r in data.rows:
+        h.update(repr((r.line, r.question, r.answer, os.path.basename(r.image), r.width, r.height,
+                       r.boxes)).encode())
+    return h.hexdigest()
 
 
 def _to(batch: dict, device) -> dict:
