@@ -572,11 +572,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--small", action="store_true", help="tiny shapes (a quick check)")
+    from .glimpse.cli import add_train_parser  # the subcommand lives with GlimpsePrune's training
+    add_train_parser(sub)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "glimpse-train":
+        from .glimpse.cli import glimpse_train
+        return glimpse_train(args)
     return {"demo": demo, "bench": bench}[args.command](args)
 
 

@@ -7,11 +7,14 @@
     out = model.generate(**inputs)
 
 ``head`` holds the learned parts and the checkpoint I/O, ``infer`` the pruned prefill and decoding
-for LLaVA-1.5, ``flops`` the prefill FLOPs. Training (``train``, ``evaluate``) comes separately.
+for LLaVA-1.5, ``flops`` the prefill FLOPs; ``data`` (rows, box masks), ``adapters`` (what a model
+family adds to training) and ``train`` (``train``, ``evaluate``) the training from box annotations.
 """
 from .flops import GlimpsePrefillFlops, prefill_flops
 from .head import GlimpseHead, VisualImportancePredictor
 from .infer import GlimpseHandle, apply_glimpse, keep_mask
+from .data import BadDataError, GlimpseDataset, read_rows
+from .train import TrainResult, evaluate, train
 
 
 
@@ -33,4 +36,5 @@ def _register() -> None:
 _register()
 
 __all__ = ["GlimpseHead", "VisualImportancePredictor", "GlimpseHandle", "apply_glimpse", "keep_mask",
-           "GlimpsePrefillFlops", "prefill_flops"]
+           "GlimpsePrefillFlops", "prefill_flops", "BadDataError", "GlimpseDataset", "read_rows", "TrainResult",
+           "train", "evaluate"]
