@@ -96,6 +96,17 @@ def load_model(cfg):
         return get_model(vllm_config=cfg).eval()
 
 
+def picture(seed, h, w):
+    """Blocky random picture: regions of colour give the encoder something to attend to."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rng.integers(3, 7), rng.integers(3, 7), 3)).astype(np.uint8)
+    im = Image.fromarray(blocks).resize((w, h), Image.NEAREST)
+    arr = np.asarray(im).astype(np.int16) + rng.integers(-20, 20, size=(h, w, 1))
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
 def processor(cfg):
     from vllm.multimodal import MULTIMODAL_REGISTRY
     return MULTIMODAL_REGISTRY.create_processor(cfg.model_config)

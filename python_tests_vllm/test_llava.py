@@ -4,12 +4,11 @@ A tiny LLaVA with random weights (8 x 8 patches, 3 CLIP layers, feature layer -2
 config and saved; vLLM loads it into its own model class on the CPU. Its embedding step is
 compared with vtkernels.hf on the very same weights: same kept positions, same projected tokens.
 """
-import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import engine_config, load_model, process, processor
+from conftest import engine_config, load_model, picture, process, processor
 
 import vtkernels.hf as vhf
 from vtkernels.cli import tiny_llava
@@ -21,16 +20,6 @@ FIXED = {"fopru_rank": {"keep": 12}, "fopru_row": {"keep": 12}, "vispruner": {"k
          "vispruner_opts": {"keep": 20, "important_ratio": 0.25, "dedup_step": 3}}
 # float32 on both sides, different attention kernels (vLLM's encoder attention, HF's SDPA)
 TOL = dict(atol=2e-5, rtol=1e-4)
-
-
-def picture(seed, h, w):
-    """Blocky random picture: regions of colour give the encoder something to attend to."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(rng.integers(3, 7), rng.integers(3, 7), 3)).astype(np.uint8)
-    im = Image.fromarray(blocks).resize((w, h), Image.NEAREST)
-    arr = np.asarray(im).astype(np.int16) + rng.integers(-20, 20, size=(h, w, 1))
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
 IMAGES = [picture(1, 90, 120), picture(2, 130, 100)]
