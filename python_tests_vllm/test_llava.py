@@ -12,6 +12,7 @@ from conftest import engine_config, load_model, picture, process, processor
 
 import vtkernels.hf as vhf
 from vtkernels.cli import tiny_llava
+from vtkernels.vllm.testing import save_for_vllm
 
 ARCH = "VtkLlavaForConditionalGeneration"
 N = 64  # 112 px / 14 px = 8 x 8 patches
@@ -28,20 +29,9 @@ IMAGES = [picture(1, 90, 120), picture(2, 130, 100)]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(directory vLLM loads, the same model in transformers, its processor)."""
-    from safetensors.torch import load_file, save_file
     model, proc = tiny_llava("llava", image_size=112, patch_size=14, vision_hidden=32, vision_layers=3,
                              vision_heads=4, text_hidden=64, text_layers=2, seed=1)
-    d = tmp_path_factory.mktemp("tiny_llava")
-    model.save_pretrained(d)
-    proc.save_pretrained(d)
-    # transformers >= 5.20 saves the CLIP tower as `vision_tower.*`; vLLM's LLaVA (like the
-    # published llava-hf checkpoints) expects `vision_tower.vision_model.*`.
-    path = d / "model.safetensors"
-    sd = load_file(path)
-    sd = {("vision_tower.vision_model." + k[len("vision_tower."):]
-           if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
-          for k, v in sd.items()}
-    save_file(sd, path, metadata={"format": "pt"})
+    d = save_for_vllm(model, proc, tmp_path_factory.mktemp("tiny_llava"))
     return d, model.float().eval(), proc
 
 

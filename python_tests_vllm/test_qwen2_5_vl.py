@@ -1,8 +1,8 @@
 """VtkQwen2_5_VLForConditionalGeneration: vLLM's Qwen2.5-VL with the vtk fixed-budget methods.
 
-A tiny Qwen2.5-VL with random weights (4 vision blocks, full attention in blocks 1 and 3, windows
-of 4 x 4 merge units) is built from a config and saved; vLLM loads it into its model class on the
-CPU. The reference is the transformers model on the same weights, pruned by hand with
+A tiny Qwen2.5-VL with random weights (vtkernels.vllm.testing: 4 vision blocks, full attention in
+blocks 1 and 3, windows of 4 x 4 merge units) is built from a config and saved; vLLM loads it into
+its model class on the CPU. The reference is the transformers model on the same weights, pruned by hand with
 vtkernels.reference from the score block's q/k (ALGORITHMS.md, "Towers without CLS"); the
 positions are checked through vLLM's own recompute_mrope_positions against the unpruned
 sequence's M-RoPE ids.
@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from conftest import engine_config, load_model, picture, process, processor
 
-from vtkernels import reference as ref
+from vtkernels.vllm.testing import qwen_reference, save_for_vllm, tiny_qwen2_5_vl
 
 ARCH = "VtkQwen2_5_VLForConditionalGeneration"
 PLAIN = "Qwen2_5_VLForConditionalGeneration"
@@ -31,41 +31,8 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(directory vLLM loads, the same model in transformers, its processor)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                              Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor)
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-    words = "<pad> <unk> <s> </s> user assistant : ? . , a the is what this and picture".split()
-    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words + specials)}, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tk.decoder = decoders.WordPiece(prefix="##")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", additional_special_tokens=specials)
-    ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
-    cfg = Qwen2_5_VLConfig(
-        vision_config=dict(depth=4, hidden_size=32, num_heads=4, intermediate_size=64, out_hidden_size=64,
-                           fullatt_block_indexes=[1, 3], window_size=112, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, tokens_per_second=2),
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4096,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=10000.0,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(3)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    pixels = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64, patch_size=14, merge_size=2,
-                  temporal_patch_size=2)
-    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
-                               video_processor=Qwen2VLVideoProcessor(**pixels),
-                               chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    d = tmp_path_factory.mktemp("tiny_qwen2_5_vl")
-    model.save_pretrained(d)
-    proc.save_pretrained(d)
+    model, proc = tiny_qwen2_5_vl(seed=3)
+    d = save_for_vllm(model, proc, tmp_path_factory.mktemp("tiny_qwen2_5_vl"))
     return d, model.float(), proc
 
 
@@ -76,53 +43,8 @@ def units_of(item):
 
 def hf_reference(model, proc, method, opts):
     """The transformers model pruned by hand: per image (kept raster positions, kept tokens)."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
     inputs = proc(images=IMAGES, text=[PROMPT], return_tensors="pt")
-    pv, grid = inputs["pixel_values"], inputs["image_grid_thw"]
-    vis = model.model.visual
-    blk = vis.blocks[vis.fullatt_block_indexes[-1]]
-    got = {}
-
-    def take_input(_m, args, kwargs):
-        got["h"], got["rope"] = args[0], kwargs["position_embeddings"]
-
-    handle = blk.register_forward_pre_hook(take_input, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            feats = model.model.get_image_features(pv, grid).pooler_output
-    finally:
-        handle.remove()
-    H = vis.config.num_heads
-    with torch.no_grad():
-        # q, k of the score block recomputed from its input, after the 2D rotary.
-        h = blk.norm1(got["h"])
-        S = h.shape[0]
-        q, k, _ = blk.attn.qkv(h).reshape(S, 3, H, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = apply_rotary_pos_emb_vision(q, k, *got["rope"])
-        q, k = q.reshape(S, -1).double(), k.reshape(S, -1).double()
-    sizes = grid.prod(-1)
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
-    patch = ref.attention_received_varlen(q, k, cu, H)  # tower (window) order
-    from transformers.vision_utils import get_vision_window_index
-    window_index, _ = get_vision_window_index(grid, spatial_merge_size=vis.spatial_merge_size,
-                                              window_size=vis.window_size, patch_size=vis.patch_size,
-                                              kwargs={})
-    unit_scores = torch.empty(S // 4, dtype=patch.dtype)
-    unit_scores[window_index] = patch.view(-1, 4).mean(1)  # back to raster order
-    out, start = [], 0
-    for (t, gh, gw), x in zip(grid.tolist(), feats):
-        n = x.shape[0]
-        s = unit_scores[start:start + n]
-        start += n
-        keep = min(opts["keep"], n)
-        x64 = x.double()[None]
-        if method == "vispruner":
-            idx = ref.vispruner_select(x64, s[None], keep, opts.get("important_ratio", 0.5),
-                                       opts.get("dedup_step", 8))
-        else:
-            _, idx = ref.fopru_select(x64, s[None], keep, method.split("_")[1], gw // 2)
-        out.append((idx[0], x[idx[0]]))
-    return out
+    return qwen_reference(model, inputs["pixel_values"], inputs["image_grid_thw"], method, opts)
 
 
 def embed(cfg, model, kwargs):
