@@ -5,6 +5,8 @@ config and saved; vLLM loads it into its own model class on the CPU. Its embeddi
 compared with vtkernels.hf on the very same weights: same kept positions, same projected tokens.
 """
 import pytest
+
+pytest.importorskip("vllm", reason="the vLLM plugin tests need vllm (make test-vllm)")
 import torch
 from torch.testing import assert_close
 

@@ -7,6 +7,8 @@ from importlib.metadata import entry_points
 
 import pytest
 
+pytest.importorskip("vllm", reason="the vLLM plugin tests need vllm (make test-vllm)")
+
 ARCHS = {"VtkLlavaForConditionalGeneration": "LlavaForConditionalGeneration",
          "VtkQwen2_5_VLForConditionalGeneration": "Qwen2_5_VLForConditionalGeneration"}
 

@@ -8,6 +8,8 @@ positions are checked through vLLM's own recompute_mrope_positions against the u
 sequence's M-RoPE ids.
 """
 import pytest
+
+pytest.importorskip("vllm", reason="the vLLM plugin tests need vllm (make test-vllm)")
 import torch
 from torch.testing import assert_close
 
