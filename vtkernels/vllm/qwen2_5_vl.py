@@ -130,7 +130,8 @@ class VtkQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         placeholders get its first grid positions for now: the embedding step hands back the
         kept units' own ids, and recompute_mrope_positions puts them in before the image's
         tokens are computed. Media keep the length their placeholder range has (a video pruned
-        by EVS too: vLLM's recompute then fixes it the same way).
+        by vLLM's EVS too: its kept rows get their ids the same way, and the text after it keeps
+        the unpruned sequence's ids, as after an image).
         """
         lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
         pieces, st, next_id = [], 0, 0
@@ -162,9 +163,9 @@ class VtkQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         media's placeholder slots. Text ids are final since get_mrope_input_positions, so they
         are left alone. Returns (embeddings without the channels, positions, delta)."""
         cfg = self.config
-        ids = (input_ids.detach().cpu() if isinstance(input_ids, Tensor)
-               else torch.as_tensor(input_ids)).long()
-        with gpu_sync_allowed():
+        with gpu_sync_allowed():  # the placeholder runs are found on the host
+            ids = (input_ids.detach().cpu() if isinstance(input_ids, Tensor)
+                   else torch.as_tensor(input_ids)).long()
             media = ((ids == cfg.image_token_id) | (ids == cfg.video_token_id)).numpy()
             edges = np.flatnonzero(np.diff(np.concatenate([[0], media.astype(np.int8), [0]])))
             runs = list(zip(edges[0::2].tolist(), edges[1::2].tolist()))  # [start, end) of each item
