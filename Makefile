@@ -5,6 +5,7 @@
 #                  python3, no venv: pre-flight, in-place build for the visible GPU, pytest -m gpu)
 #   make bench     GPU benchmarks (tools/gpu_lane.sh --only bench), summaries into benchmarks/results/
 #   make bench-cpu the CPU benchmarks of README (2-core machine), summaries into benchmarks/results/
+#   make test-vllm the vLLM plugin on the CPU, in its own venv .venv-vllm (vLLM pins its own torch)
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 TF_OLD ?= 5.17.0
@@ -13,7 +14,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 JOBS ?= 2
 
-.PHONY: all venv build test test-cpu test-hf-old check-nvcc check-setuptools demo test-gpu bench bench-cpu clean
+.PHONY: all venv build test test-cpu test-hf-old check-nvcc check-setuptools demo test-gpu bench bench-cpu clean test-vllm
 
 all: test
 
@@ -85,5 +86,38 @@ bench-cpu: build
 	$(VPY) tools/bench_table.py benchmarks/results/$(CPU_TAG)-B4-llava15.json benchmarks/results/$(CPU_TAG)-e2e-small.json
 	$(VPY) tools/bench_table.py --png benchmarks/results/$(CPU_TAG)-B4-llava15.png benchmarks/results/$(CPU_TAG)-B4-llava15.json
 
+# vLLM plugin lane. vLLM's wheel pins its own torch (a CUDA build, ~9.5 GB installed), so it
+# gets a venv of its own; VLLM_TARGET_DEVICE=cpu (set by python_tests_vllm/conftest.py) lets its
+# registry, processors and model classes run without a GPU.
+VLLM_VERSION ?= 0.33.0
+VVENV := .venv-vllm
+VVPY := $(VVENV)/bin/python
+VSTAMP := $(VVENV)/.deps-installed
+VTK_SOURCES := setup.py pyproject.toml README.md $(shell find vtkernels csrc -type f \
+  ! -name '*.so' ! -name '*.pyc' 2>/dev/null)
+
+$(VVPY):
+	$(PYTHON) -m venv $(VVENV)
+
+$(VSTAMP): $(VVPY) Makefile
+	$(VVPY) -m pip install -q --upgrade pip
+	$(VVPY) -m pip install -q vllm==$(VLLM_VERSION) pytest setuptools wheel ninja
+	touch $@
+
+# vtkernels compiled against vLLM's torch (CPU kernels) and installed, not editable, from a copy
+# of the sources: the in-place vtkernels/_C*.so of `make build` is .venv's torch's and must
+# neither be picked up here nor be overwritten.
+$(VVENV)/.vtk-installed: $(VSTAMP) $(VTK_SOURCES)
+	rm -rf $(VVENV)/src && mkdir -p $(VVENV)/src
+	tar -c --exclude='*.so' --exclude='__pycache__' setup.py pyproject.toml README.md csrc vtkernels \
+	  | tar -x -C $(VVENV)/src
+	cd $(VVENV)/src && VTK_BUILD_CUDA=0 MAX_JOBS=$(JOBS) ../bin/python -m pip install -q \
+	  --no-build-isolation --no-deps --force-reinstall .
+	touch $@
+
+# -P: the repository root stays off sys.path, so the tests import the installed vtkernels.
+test-vllm: $(VVENV)/.vtk-installed
+	$(VVPY) -P -m pytest python_tests_vllm -q -p no:cacheprovider
+
 clean:
-	rm -rf build dist *.egg-info vtkernels/_C*.so $(VENV)
+	rm -rf build dist *.egg-info vtkernels/_C*.so $(VENV) $(VVENV)
