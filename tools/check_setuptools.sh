@@ -32,9 +32,10 @@ for st in "$@"; do
   # A copy of what setup.py reads, so that egg_info writes nothing into the tree.
   work="$(mktemp -d)"
   cp "$root/pyproject.toml" "$root/setup.py" "$root/README.md" "$work/"
-  mkdir -p "$work/vtkernels/triton" "$work/vtkernels/assets"
-  cp "$root"/vtkernels/*.py "$work/vtkernels/"
-  cp "$root"/vtkernels/triton/*.py "$work/vtkernels/triton/"
+  # Every package pyproject.toml lists (subpackages included), Python sources only.
+  (cd "$root" && find vtkernels -name '*.py' -not -path '*/__pycache__/*' -print0 \
+     | xargs -0 -I{} sh -c 'mkdir -p "$1/$(dirname "$2")" && cp "$2" "$1/$2"' _ "$work" {})
+  mkdir -p "$work/vtkernels/assets"
   log="$work/log"
   if ! (cd "$work" && VTK_NO_EXTENSION=1 "$venv/bin/python" setup.py --version >"$log" 2>&1); then
     echo "FAIL setuptools $got: setup.py --version"
