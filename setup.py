@@ -11,6 +11,7 @@ Build against your installed torch: pip install --no-build-isolation .
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -37,15 +38,24 @@ def _extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # No -std flag: torch's BuildExtension picks the standard its headers need.
     cxx = ["-O3"]
+    link = []
+    if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        # at::parallel_for is an inline template: without -fopenmp it compiles to a plain loop in
+        # this library (ATen defines INTRA_OP_PARALLEL only under _OPENMP), and every CPU kernel
+        # would run on one thread. The OpenMP runtime at load time is the libgomp torch has
+        # already loaded (same soname).
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         ext = CUDAExtension(
             "vtkernels._C", sources,
             extra_compile_args={"cxx": cxx + ["-DVTK_WITH_CUDA"],
                                 "nvcc": ["-O3", "-DVTK_WITH_CUDA", "--use_fast_math"]},
-            py_limited_api=True)
+            extra_link_args=link, py_limited_api=True)
     else:
-        ext = CppExtension("vtkernels._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)
+        ext = CppExtension("vtkernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
+                           py_limited_api=True)
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -221,7 +221,7 @@ _CUDA = {
     "fopru_select": (_triton("select", "fopru_select"), ref.fopru_select),
     "vispruner_select": (_triton("prune", "vispruner_select"), ref.vispruner_select),
     "prumerge": (_triton("prune", "prumerge"), ref.prumerge),
-    "attention_received_varlen": (None, ref.attention_received_varlen),
+    "attention_received_varlen": (_triton("varlen", "attention_received_varlen"), ref.attention_received_varlen),
     "glimpse_logits": (_triton("glimpse", "glimpse_logits"), ref.glimpse_logits),
     "gather_cache": (_triton("glimpse", "gather_cache"), ref.gather_cache),
 }
