@@ -124,8 +124,10 @@ def _vispruner_config(R0: int, interpret: bool) -> dict:
     if interpret:  # big tiles: fewer interpreted loop iterations
         block = min(512, triton.next_power_of_2((R0 + 1) // 2))
         return dict(BLOCK_A=block, BLOCK_B=block, num_warps=4)
-    # one CTA per image walks every round: wide tiles keep many gathers in flight
-    return dict(BLOCK_A=64, BLOCK_B=128, num_warps=8)
+    # One CTA per image walks every round: wide b tiles keep many gathers in flight. 32 a-entries
+    # per tile, not 64: at 64 the [BLOCK_A, BLOCK_B] compares need ~250 registers per thread and
+    # spill on sm_80 (Triton 3.9).
+    return dict(BLOCK_A=32, BLOCK_B=128, num_warps=8)
 
 
 @_launch.on_inputs_device
