@@ -6,15 +6,18 @@
 #   make bench     GPU benchmarks (tools/gpu_lane.sh --only bench), summaries into benchmarks/results/
 #   make bench-cpu the CPU benchmarks of README (2-core machine), summaries into benchmarks/results/
 #   make test-vllm the vLLM plugin on the CPU, in its own venv .venv-vllm (vLLM pins its own torch)
+#   make test-triton-compile  every Triton kernel compiled for sm_80/sm_90 (no GPU needed)
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 TF_OLD ?= 5.17.0
+# The Triton the GPU machines run (the venv has a newer one).
+TRITON_GPU ?= 3.6.0
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 JOBS ?= 2
 
-.PHONY: all venv build test test-cpu test-hf-old check-nvcc check-setuptools demo test-gpu bench bench-cpu clean test-vllm
+.PHONY: all venv build test test-cpu test-hf-old test-triton-compile check-nvcc check-setuptools demo test-gpu bench bench-cpu clean test-vllm
 
 all: test
 
@@ -44,8 +47,10 @@ OLD_SETUPTOOLS ?= 64.0.0 65.7.0
 check-setuptools:
 	PYTHON=$(PYTHON) tools/check_setuptools.sh $(OLD_SETUPTOOLS)
 
+# The compile check needs the real Triton compiler, not the interpreter: test-triton-compile runs it.
 test-cpu: build
-	TRITON_INTERPRET=1 $(VPY) -m pytest python_tests benchmarks -q -p no:cacheprovider
+	TRITON_INTERPRET=1 $(VPY) -m pytest python_tests benchmarks -q -p no:cacheprovider \
+	  --ignore=python_tests/test_triton_compile.py
 
 # The Hugging Face integration against the oldest supported transformers (what the GPU machines run).
 $(VENV)/tf-old/.stamp: $(STAMP)
@@ -56,9 +61,24 @@ $(VENV)/tf-old/.stamp: $(STAMP)
 
 test-hf-old: build $(VENV)/tf-old/.stamp
 	PYTHONPATH=$(VENV)/tf-old TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider \
-	  python_tests/test_hf.py python_tests/test_flops.py python_tests/test_cli.py
+	  python_tests/test_hf.py python_tests/test_hf_qwen.py python_tests/test_flops.py python_tests/test_cli.py \
+	  python_tests/test_glimpse.py python_tests/test_glimpse_train.py
 
-test: check-nvcc check-setuptools test-cpu test-hf-old
+# Triton as the GPU machines run it, kept beside the venv (like transformers $(TF_OLD)).
+$(VENV)/triton36/.stamp: $(STAMP)
+	$(VPY) -m pip install -q --no-deps --target $(VENV)/triton36 triton==$(TRITON_GPU)
+	touch $@
+
+# Every Triton kernel compiled (no GPU, no CUDA driver: Triton's own ptxas) for sm_80 and sm_90 at
+# the configurations its launchers choose at real shapes; fails on a compile error, shared memory
+# over the limit or a register spill. First with the GPU machines' Triton, then the venv's own.
+test-triton-compile: build $(VENV)/triton36/.stamp
+	PYTHONPATH=$(VENV)/triton36:$(CURDIR) TRITON_INTERPRET=0 VTK_EXPECT_TRITON=$(TRITON_GPU) \
+	  $(VPY) -m pytest -q -p no:cacheprovider python_tests/test_triton_compile.py
+	PYTHONPATH=$(CURDIR) TRITON_INTERPRET=0 VTK_EXPECT_TRITON=$$($(VPY) -c "import importlib.metadata as m; print(m.version('triton'))") \
+	  $(VPY) -m pytest -q -p no:cacheprovider python_tests/test_triton_compile.py
+
+test: check-nvcc check-setuptools test-cpu test-hf-old test-triton-compile
 
 demo: build
 	$(VENV)/bin/vtk demo

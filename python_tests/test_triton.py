@@ -12,8 +12,11 @@ if "TRITON_INTERPRET" not in os.environ:  # before any Triton kernel is defined
     if not _torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vtkernels import reference as ref
 
@@ -30,6 +33,8 @@ try:
 except Exception as e:  # pragma: no cover
     pytest.skip(f"triton unavailable: {e}", allow_module_level=True)
 
+from vtkernels.triton import _launch  # noqa: E402
+from vtkernels.triton import prune as TP  # noqa: E402
 from vtkernels.triton import scoring as TS  # noqa: E402
 from vtkernels.triton import select as TSel  # noqa: E402
 
@@ -134,6 +139,51 @@ def test_fopru_significance_takes_rows_or_columns(dtype):
     got = TS.fopru_significance(q, k, H)
     torch.testing.assert_close(got.cpu(), _ref_scores("fopru_significance", q, k, H), **TOL[dtype])
     torch.testing.assert_close(got[0].cpu(), row[0].float(), **TOL[dtype])
+
+
+# (H, head_dim): every head size walks the head in BLOCK_D chunks (_patch_attention_config);
+# 80 and 1280 end on a partial chunk in some dtypes, two heads check the second head's channel
+# offsets, one head of 1024 is PruMerge's. T is odd and spans more than one key block.
+HEADS = [(2, 64), (2, 80), (2, 1024), (1, 1024), (2, 1280)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}x{h[1]}")
+def test_scoring_large_head_dim(heads, dtype):
+    H, DH = heads
+    B, T = (2 if DH < 1024 else 1), 37  # the interpreter is slow on wide heads
+    if DH >= 1024:  # the chunk loop really runs, at the GPU's chunk size too
+        assert TS._patch_attention_config(T, DH, dtype, True, True, True)["NUM_D"] > 1
+        assert TS._patch_attention_config(T, DH, dtype, True, True, False)["NUM_D"] > 1
+    q, k = _qk(B, T, H * DH, dtype, seed=DH + H)
+    for name in SCORING_OPS:
+        got = getattr(TS, name)(q, k, H)
+        assert got.shape == (B, T - 1)
+        torch.testing.assert_close(got.cpu(), _ref_scores(name, q, k, H), **TOL[dtype], msg=name)
+    for name in ("attention_received", "fopru_significance"):
+        got = getattr(TS, name)(q, k, H, None, False)
+        torch.testing.assert_close(got.cpu(), _ref_scores(name, q, k, H, has_cls=False), **TOL[dtype],
+                                   msg=name)
+
+
+def test_cls_logits_grid_spreads_one_image(monkeypatch):
+    """Heads are in the grid: one image launches H programs per key block."""
+    grids = []
+    real = TS._cls_logits_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(TS, "_cls_logits_kernel", Spy())
+    q, k = _qk(1, 37, 4 * 16, torch.float32, seed=5)
+    got = TS.cls_attention(q, k, 4)
+    torch.testing.assert_close(got, _ref_scores("cls_attention", q, k, 4), **TOL[torch.float32])
+    assert grids and grids[0][0] == 4
+    # LLaVA-1.5 on a GPU, batch 1: hundreds of programs, not a handful.
+    cfg = TS._cls_logits_config(577, 64, torch.float32, interpret=False)
+    assert 16 * -(-577 // cfg["BLOCK_T"]) >= 128
 
 
 def test_scoring_deterministic():
@@ -355,3 +405,239 @@ def test_selection_rejects_bad_input():
             TSel.fopru_select(*args)
     with pytest.raises(ValueError):  # not a square: grid_width is needed
         TSel.fopru_select(x[:, :15], s[:, :15], 4, "row", 0)
+
+
+# --- device guard, host waits ----------------------------------------------------------------
+
+def _every_launcher(dev="cpu", seed=0):
+    """One call of every public Triton launcher on small inputs, as (name, thunk)."""
+    g = _gen(seed)
+    q, k = (torch.randn(2, 17, 32, generator=g).to(dev) for _ in range(2))
+    s = torch.randn(2, 16, generator=g).to(dev)
+    x = torch.randn(2, 16, 8, generator=g).to(dev)
+    keys = torch.randn(2, 16, 8, generator=g).to(dev)
+    idx = torch.randint(0, 16, (2, 5), generator=g).to(dev)
+    return [
+        ("cls_attention", lambda: TS.cls_attention(q, k, 2)),
+        ("attention_received", lambda: TS.attention_received(q, k, 2)),
+        ("fopru_significance", lambda: TS.fopru_significance(q, k, 2)),
+        ("topk_indices", lambda: TSel.topk_indices(s, 5)),
+        ("gather_tokens", lambda: TSel.gather_tokens(x, idx)),
+        ("fopru_select", lambda: TSel.fopru_select(x, s, 6, "row")),
+        ("fopru_select", lambda: TSel.fopru_select(x, s, 6, "rank")),
+        ("vispruner_select", lambda: TP.vispruner_select(x, s, 6)),
+        ("prumerge", lambda: TP.prumerge(x, keys, s, 4, True)),
+    ]
+
+
+def _kernel_names():
+    return sorted(f"{m.__name__}.{n}" for m in (TS, TSel, TP) for n in vars(m) if n.endswith("_kernel"))
+
+
+def test_device_guard_enters_cuda_devices_only(monkeypatch):
+    entered = []
+
+    class FakeCudaDevice:  # torch.cuda.device without a GPU: records what it is entered with
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    with _launch.device_guard(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)]
+    assert entered == [torch.device("cuda", 1), "exit"]
+    for dev in (torch.device("cpu"), torch.device("meta"), None):
+        with _launch.device_guard(dev):
+            pass
+    assert entered == [torch.device("cuda", 1), "exit"]
+
+
+def test_every_kernel_launches_under_the_inputs_device_guard(monkeypatch):
+    """Every launcher enters device_guard(its inputs' device) once, and every kernel launch of
+    every launcher happens inside it."""
+    guards, launches, depth = [], [], [0]
+
+    @contextlib.contextmanager
+    def guard(device):
+        guards.append(device)
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    class Spy:
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+
+        def __getitem__(self, grid):
+            launches.append((self.name, depth[0]))
+            return self.real[grid]
+
+    monkeypatch.setattr(_launch, "device_guard", guard)
+    for mod in (TS, TSel, TP):
+        for n in [n for n in vars(mod) if n.endswith("_kernel")]:
+            monkeypatch.setattr(mod, n, Spy(f"{mod.__name__}.{n}", getattr(mod, n)))
+    calls = _every_launcher()
+    for name, call in calls:
+        n_guards = len(guards)
+        call()
+        assert len(guards) == n_guards + 1, name
+    assert guards == [torch.device("cpu")] * len(calls)
+    assert sorted({n for n, _ in launches}) == _kernel_names()
+    assert all(d == 1 for _, d in launches), launches
+
+
+def test_launchers_reject_tensors_on_different_devices():
+    """The device check names the arguments and comes before any launch (meta: no GPU needed)."""
+    g = _gen(1)
+    q, k = torch.randn(2, 17, 32, generator=g), torch.randn(2, 17, 32, generator=g)
+    s, x = torch.randn(2, 16, generator=g), torch.randn(2, 16, 8, generator=g)
+    idx = torch.zeros(2, 5, dtype=torch.int64)
+    m = lambda t: t.to("meta")  # noqa: E731
+    cases = [
+        (lambda: TS.cls_attention(q, m(k), 2), "k on meta"),
+        (lambda: TS.attention_received(m(q), k, 2), "q on meta"),
+        (lambda: TS.fopru_significance(q, m(k), 2), "k on meta"),
+        (lambda: TSel.gather_tokens(x, m(idx)), "indices on meta"),
+        (lambda: TSel.fopru_select(m(x), s, 6, "row"), "x on meta"),
+        (lambda: TP.vispruner_select(x, m(s), 6), "scores on meta"),
+        (lambda: TP.prumerge(x, m(x), s), "keys on meta"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of device values by the host: item()/int()/bool() (aten._local_scalar_dense)
+    and tolist() (patched: on CPU tensors it dispatches nothing)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        tolist = torch.Tensor.tolist
+
+        def counting_tolist(t):
+            self.count += 1
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_waits_per_launcher(monkeypatch):
+    """gather_tokens waits once (its range check), prumerge once (its output size), the rest never."""
+    allowed = {"gather_tokens": 1, "prumerge": 1}
+    for name, call in _every_launcher():
+        with _HostReads(monkeypatch) as reads:
+            call()
+        assert reads.count == allowed.get(name, 0), (name, reads.count)
+
+
+def test_no_host_wait_while_capturing(monkeypatch):
+    """Under CUDA graph capture (simulated) gather_tokens skips its range check (an index outside
+    [0, N) gives a zero row, never a read outside x) and prumerge refuses before waiting."""
+    monkeypatch.setattr(_launch, "capturing", lambda t: True)
+    g = _gen(3)
+    x = torch.randn(2, 7, 16, generator=g)
+    idx = torch.tensor([[0, -1, 6], [7, 1 << 40, 2]])
+    with _HostReads(monkeypatch) as reads:
+        got = TSel.gather_tokens(x, idx)
+    assert reads.count == 0
+    assert torch.equal(got[0, 0], x[0, 0]) and torch.equal(got[0, 2], x[0, 6])
+    assert torch.equal(got[1, 2], x[1, 2])
+    assert not got[0, 1].any() and not got[1, 0].any() and not got[1, 1].any()
+    s = torch.randn(2, 7, generator=g)
+    with _HostReads(monkeypatch) as reads:
+        with pytest.raises(RuntimeError, match="CUDA graph"):
+            TP.prumerge(x, x, s)
+    assert reads.count == 0
+
+
+def test_gather_range_check_reports_the_bounds():
+    x = torch.randn(1, 10, 4, device=DEVICE)
+    idx = torch.tensor([[3, -2, 12]], device=DEVICE)
+    with pytest.raises(ValueError, match=r"\[0, N\) with N=10, got values in \[-2, 12\]"):
+        TSel.gather_tokens(x, idx)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launchers_run_on_the_inputs_device():
+    """Inputs on cuda:1 while cuda:0 is current: every launcher computes on cuda:1 (the results
+    equal the same call on cuda:0) and leaves cuda:0 current."""
+    torch.cuda.set_device(0)
+    on0, on1 = _every_launcher("cuda:0", seed=4), _every_launcher("cuda:1", seed=4)
+    for (name, call0), (_, call1) in zip(on0, on1):
+        want, got = call0(), call1()
+        torch.cuda.synchronize(1)
+        assert torch.cuda.current_device() == 0, name
+        want = want if isinstance(want, tuple) else (want,)
+        got = got if isinstance(got, tuple) else (got,)
+        for w, o in zip(want, got):
+            assert o.device == torch.device("cuda", 1), name
+            if o.is_floating_point():  # the same kernels, but cuda:1 may be another GPU model
+                torch.testing.assert_close(o.cpu(), w.cpu(), **TOL[torch.float32], msg=name)
+            else:
+                assert torch.equal(o.cpu(), w.cpu()), name
+    q = torch.randn(1, 5, 8, device="cuda:0")
+    with pytest.raises(ValueError, match="k on cuda:1"):
+        TS.cls_attention(q, q.to("cuda:1"), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_launchers_in_cuda_graph():
+    """Captured once, replayed on new inputs: the Triton launchers wait for nothing on the host
+    (gather_tokens' range check is skipped under capture); prumerge refuses to be captured."""
+    B, T, C, H, N, D = 2, 577, 128, 2, 576, 32
+    g = _gen(21)
+    q, k = torch.randn(B, T, C, generator=g).cuda(), torch.randn(B, T, C, generator=g).cuda()
+    s, x = torch.randn(B, N, generator=g).cuda(), torch.randn(B, N, D, generator=g).cuda()
+    idx = torch.randint(0, N, (B, 50), generator=g).cuda()
+
+    def step():
+        return (TS.cls_attention(q, k, H), TS.attention_received(q, k, H), TS.fopru_significance(q, k, H),
+                TSel.topk_indices(s, 100), TSel.gather_tokens(x, idx), *TSel.fopru_select(x, s, 100, "row"),
+                TP.vispruner_select(x, s, 64))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles every kernel before the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for seed in range(2):
+        g = _gen(200 + seed)
+        new = [torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g),
+               torch.randn(B, N, generator=g), torch.randn(B, N, D, generator=g),
+               torch.randint(0, N, (B, 50), generator=g)]
+        for dst, src in zip((q, k, s, x, idx), new):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        qc, kc, sc, xc, ic = new
+        for got, name in zip(out[:3], SCORING_OPS):
+            torch.testing.assert_close(got.cpu(), getattr(ref, name)(qc, kc, H), **TOL[torch.float32])
+        assert torch.equal(out[3].cpu(), ref.topk_indices(sc, 100))
+        assert torch.equal(out[4].cpu(), ref.gather_tokens(xc, ic))
+        want_x, want_i = ref.fopru_select(xc, sc, 100, "row")
+        assert torch.equal(out[5].cpu(), want_x) and torch.equal(out[6].cpu(), want_i)
+        # float32 VisPruner may resolve near-ties unlike the reference (SPEC.md): the replay must
+        # equal the same launcher run eagerly on the same inputs.
+        assert torch.equal(out[7], TP.vispruner_select(x, s, 64))
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            TP.prumerge(x, x, s)

@@ -28,11 +28,11 @@ the top-knn selection over its similarity row (repeated arg-max, ties to the low
 fused with the weighted sum of those rows of x; one more program per image writes the summary
 row, the sum of s_j x_j over the pruned tokens.
 
-Accumulation is float32, or float64 for float64 inputs.
+Accumulation is float32, or float64 for float64 inputs. Block sizes and warps come from the pure
+`_*_config` functions, which the compile check (python_tests/test_triton_compile.py) sees
+through the real launchers.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -40,12 +40,9 @@ import triton.language as tl
 
 from .. import _validate as V
 from .. import reference as ref
+from . import _launch
 
 __all__ = ["vispruner_select", "prumerge"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
 # --- vispruner_select ---------------------------------------------------------------------------
@@ -123,6 +120,17 @@ def _dedup_rounds(R0: int, n_div: int, step: int) -> int:
     return rounds
 
 
+def _vispruner_config(R0: int, interpret: bool) -> dict:
+    if interpret:  # big tiles: fewer interpreted loop iterations
+        block = min(512, triton.next_power_of_2((R0 + 1) // 2))
+        return dict(BLOCK_A=block, BLOCK_B=block, num_warps=4)
+    # One CTA per image walks every round: wide b tiles keep many gathers in flight. 32 a-entries
+    # per tile, not 64: at 64 the [BLOCK_A, BLOCK_B] compares need ~250 registers per thread and
+    # spill on sm_80 (Triton 3.9).
+    return dict(BLOCK_A=32, BLOCK_B=128, num_warps=8)
+
+
+@_launch.on_inputs_device
 def vispruner_select(x: torch.Tensor, scores: torch.Tensor, keep: int, important_ratio: float = 0.5,
                      dedup_step: int = 8) -> torch.Tensor:
     B, N, C = V.check_vispruner(x, scores, keep, important_ratio, dedup_step)
@@ -137,13 +145,8 @@ def vispruner_select(x: torch.Tensor, scores: torch.Tensor, keep: int, important
     lists = torch.empty(B, 2, R0, dtype=torch.int32, device=x.device)
     lists[:, 0] = residual.to(torch.int32)
     match = torch.empty(B, (R0 + 1) // 2, dtype=S.dtype, device=x.device)
-    if _interpreting():  # big tiles: fewer interpreted loop iterations
-        block_a = block_b = min(512, triton.next_power_of_2((R0 + 1) // 2))
-        warps = 4
-    else:  # one CTA per image walks every round: wide tiles keep many gathers in flight
-        block_a, block_b, warps = 64, 128, 8
     _vispruner_dedup_kernel[(B,)](S, S.stride(0), S.stride(1), lists, lists.stride(0), match, match.stride(0), R0, n_div,
-                                  dedup_step, rounds, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps)
+                                  dedup_step, rounds, **_vispruner_config(R0, _launch.interpreting()))
     final = lists[:, rounds % 2, :n_div].to(torch.int64)  # token positions
     selected = torch.cat([order[:, :n_imp], final], dim=1)
     return selected.sort(dim=1).values
@@ -246,10 +249,31 @@ def _outlier_counts(scores: torch.Tensor, per_sample: bool) -> torch.Tensor:
     return counts.clamp_min(1)
 
 
+def _prumerge_config(N: int, D: int, KM: int, n_near: int, interpret: bool) -> dict:
+    """KM: the most tokens any image keeps (only the interpreter's tiles depend on it)."""
+    block_n = triton.next_power_of_2(N)
+    block_k = max(2, triton.next_power_of_2(max(n_near, 1)))
+    if interpret:  # whole images per program: fewer interpreted steps
+        block_r = min(64, triton.next_power_of_2(KM))
+        block_d = max(2, min(triton.next_power_of_2(D), (1 << 20) // (block_r * block_k)))
+        block_s = min(1024, block_n)
+    else:  # ~4K-element register tiles
+        block_r = max(1, 4096 // block_n)
+        block_d = max(2, min(triton.next_power_of_2(D), 4096 // (block_r * block_k)))
+        block_s = max(2, 4096 // block_d)
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_S=block_s,
+                num_warps=8)
+
+
+@_launch.on_inputs_device
 def prumerge(x: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, knn: int = 32, plus: bool = False,
              per_sample: bool = True):
     B, N, D, Ck = V.check_prumerge(x, keys, scores, knn, plus, per_sample)
     dev = x.device
+    if _launch.capturing(scores):
+        # Refused before anything is captured: the host wait below would break the capture.
+        raise RuntimeError("prumerge cannot be captured in a CUDA graph: its output size (the kept "
+                           "token count) depends on the scores and needs a host wait")
     if B == 0:  # M = 2, the fake kernel's minimum (a kept token + the summary)
         return x.new_zeros((0, 2, D)), torch.empty(0, dtype=torch.int64, device=dev)
     counts = _outlier_counts(scores, per_sample)
@@ -282,20 +306,9 @@ def prumerge(x: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, knn: int
         sim[b, :nk[b]] = ref.prumerge_similarity(kn[b], kept[b, :nk[b]])
     out = torch.zeros(B, M, D, dtype=x.dtype, device=dev)
     n_near = min(knn, N - 1)  # fewer candidates than knn: all of them
-    block_n = triton.next_power_of_2(N)
-    block_k = max(2, triton.next_power_of_2(max(n_near, 1)))
-    if _interpreting():  # whole images per program: fewer interpreted steps
-        block_r = min(64, triton.next_power_of_2(KM))
-        block_d = max(2, min(triton.next_power_of_2(D), (1 << 20) // (block_r * block_k)))
-        block_s = min(1024, block_n)
-    else:  # ~4K-element register tiles
-        block_r = max(1, min(triton.next_power_of_2(KM), 4096 // block_n))
-        block_d = max(2, min(triton.next_power_of_2(D), 4096 // (block_r * block_k)))
-        block_s = max(2, 4096 // block_d)
-    grid = (B, triton.cdiv(KM, block_r) + 1)  # + one program per image for the summary row
+    cfg = _prumerge_config(N, D, KM, n_near, _launch.interpreting())
+    grid = (B, triton.cdiv(KM, cfg["BLOCK_R"]) + 1)  # + one program per image for the summary row
     _prumerge_rows_kernel[grid](sim, sim.stride(0), sim.stride(1), kept, kept.stride(0), n_kept.contiguous(),
                                 x, x.stride(0), x.stride(1), x.stride(2), w, w.stride(0), wsum, wsum.stride(0),
-                                out, out.stride(0), out.stride(1), N, D, n_near,
-                                BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-                                BLOCK_S=block_s, num_warps=8 if block_n >= 2048 else 4)
+                                out, out.stride(0), out.stride(1), N, D, n_near, **cfg)
     return out, lengths

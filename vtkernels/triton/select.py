@@ -24,27 +24,24 @@ are bit-identical to the reference because the ranking is done on exact integer 
           exclusive cumsum of the selection mask (carried across blocks).
 
 One program per row; rows longer than one block are streamed block by block (a row that fits
-one block is loaded once and searched in registers).
+one block is loaded once and searched in registers). Block sizes, warps and compile-time
+switches come from the pure `_*_config` functions, which the compile check
+(python_tests/test_triton_compile.py) sees through the real launchers.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _validate as V
+from . import _launch
 
 __all__ = ["topk_indices", "gather_tokens", "fopru_select"]
 
 # Largest row kept in registers by one program; longer rows stream in blocks of this size.
 # (Module-level so tests can shrink it to exercise the multi-block path.)
 _MAX_BLOCK = 4096
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
 def _row_block(n: int):
@@ -188,19 +185,23 @@ def _topk_kernel(
     _write_top(row, s_sn, N, tau, K - n_gt, out_ptr, b * K, 0, KEY64, BLOCK)
 
 
+def _topk_config(N: int, dtype: torch.dtype) -> dict:
+    block, one, warps = _row_block(N)
+    return dict(KEY64=dtype == torch.float64, BLOCK=block, ONE_BLOCK=one, num_warps=warps)
+
+
 def _topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     B, N = scores.shape
     out = torch.empty((B, k), dtype=torch.int64, device=scores.device)
     if B == 0:
         return out
-    block, one, warps = _row_block(N)
     _topk_kernel[(B,)](
-        scores, scores.stride(0), scores.stride(1), out, N, k,
-        KEY64=scores.dtype == torch.float64, BLOCK=block, ONE_BLOCK=one, num_warps=warps,
+        scores, scores.stride(0), scores.stride(1), out, N, k, **_topk_config(N, scores.dtype),
     )
     return out
 
 
+@_launch.on_inputs_device
 def topk_indices(scores, k: int) -> torch.Tensor:
     """Positions of the k highest scores per row, ascending, int64 [B, k] (reference tie rule)."""
     B, N = V.check_scores(scores)
@@ -215,44 +216,75 @@ def _gather_kernel(
     x_ptr, x_sb, x_sn, x_sd,
     i_ptr, i_sb, i_sk,
     out_ptr,
-    K, D,
+    N, K, D,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[b, r, :] = x[b, idx[b, r], :] for a [BLOCK_R, BLOCK_D] tile; out is contiguous."""
+    """out[b, r, :] = x[b, idx[b, r], :] for a [BLOCK_R, BLOCK_D] tile; out is contiguous.
+
+    An index outside [0, N) (only possible when the host skipped the range check, under CUDA
+    graph capture) reads nothing and writes a zero row.
+    """
     b = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     rmask = r < K
     dmask = d < D
     idx = tl.load(i_ptr + b * i_sb + r * i_sk, mask=rmask, other=0).to(tl.int64)
+    inside = (idx >= 0) & (idx < N)
     m = rmask[:, None] & dmask[None, :]
-    v = tl.load(x_ptr + b * x_sb + idx[:, None] * x_sn + d[None, :] * x_sd, mask=m)
+    v = tl.load(x_ptr + b * x_sb + idx[:, None] * x_sn + d[None, :] * x_sd, mask=m & inside[:, None],
+                other=0.0)
     tl.store(out_ptr + (b * K + r[:, None]) * D + d[None, :], v, mask=m)
 
 
+def _gather_config(K: int, D: int, interpret: bool) -> dict:
+    if interpret:
+        block_r, block_d = min(64, triton.next_power_of_2(K)), min(1024, triton.next_power_of_2(D))
+    else:
+        block_r, block_d = min(16, triton.next_power_of_2(K)), min(256, triton.next_power_of_2(D))
+    return dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+
+
 def _gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    B, _, D = x.shape
+    B, N, D = x.shape
     K = indices.shape[1]
     out = torch.empty((B, K, D), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    if _interpreting():
-        block_r, block_d = min(64, triton.next_power_of_2(K)), min(1024, triton.next_power_of_2(D))
-    else:
-        block_r, block_d = min(16, triton.next_power_of_2(K)), min(256, triton.next_power_of_2(D))
-    grid = (B, triton.cdiv(K, block_r), triton.cdiv(D, block_d))
+    cfg = _gather_config(K, D, _launch.interpreting())
+    grid = (B, triton.cdiv(K, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
     _gather_kernel[grid](
         x, x.stride(0), x.stride(1), x.stride(2),
         indices, indices.stride(0), indices.stride(1),
-        out, K, D, BLOCK_R=block_r, BLOCK_D=block_d,
+        out, N, K, D, **cfg,
     )
     return out
 
 
+def _check_gather_range(indices: torch.Tensor, N: int) -> None:
+    """indices in [0, N), with at most one host wait (both bounds come back in one copy).
+
+    While a CUDA graph is being captured any host wait would break the capture, so the check is
+    skipped there: a captured gather is not range-checked, and an out-of-range index yields a
+    zero row (the kernel masks it) instead of an error.
+    """
+    if indices.numel() == 0:
+        return
+    if _launch.capturing(indices):
+        return
+    lo, hi = torch.stack(torch.aminmax(indices)).tolist()
+    if lo < 0 or hi >= N:
+        raise ValueError(f"indices must lie in [0, N) with N={N}, got values in [{lo}, {hi}]")
+
+
+@_launch.on_inputs_device
 def gather_tokens(x, indices) -> torch.Tensor:
-    """Rows of x [B, N, D] at indices [B, k] (int64/int32, in [0, N)), in that order: [B, k, D]."""
+    """Rows of x [B, N, D] at indices [B, k] (int64/int32, in [0, N)), in that order: [B, k, D].
+
+    One host wait for the range check (none under CUDA graph capture: see _check_gather_range).
+    """
     V.check_gather(x, indices)
-    V.check_gather_range(indices, x.shape[1])
+    _check_gather_range(indices, x.shape[1])
     return _gather(x, indices)
 
 
@@ -339,6 +371,17 @@ def _fopru_row_kernel(
                    r_sel.to(tl.int64) * W, KEY64, BLOCK_W)
 
 
+def _row_sums_config(R: int) -> dict:
+    return dict(BLOCK_R=min(max(16, triton.next_power_of_2(R)), 1024), num_warps=4)
+
+
+def _fopru_row_config(R: int, W: int, dtype: torch.dtype) -> dict:
+    block_r, one_r, warps_r = _row_block(R)
+    block_w, one_w, warps_w = _row_block(W)
+    return dict(KEY64=dtype == torch.float64, BLOCK_R=block_r, ONE_BLOCK_R=one_r,
+                BLOCK_W=block_w, ONE_BLOCK_W=one_w, num_warps=max(warps_r, warps_w))
+
+
 def _fopru_row(scores: torch.Tensor, keep: int, grid_width: int) -> torch.Tensor:
     B, N = scores.shape
     W = V.grid_width_of(N, grid_width)
@@ -347,21 +390,18 @@ def _fopru_row(scores: torch.Tensor, keep: int, grid_width: int) -> torch.Tensor
     if B == 0:
         return out
     rowsum = torch.empty((B, R), dtype=torch.float64, device=scores.device)
-    block_rs = min(max(16, triton.next_power_of_2(R)), 1024)
-    _row_sums_kernel[(B, triton.cdiv(R, block_rs))](
-        scores, scores.stride(0), scores.stride(1), rowsum, R, W, BLOCK_R=block_rs,
+    cfg = _row_sums_config(R)
+    _row_sums_kernel[(B, triton.cdiv(R, cfg["BLOCK_R"]))](
+        scores, scores.stride(0), scores.stride(1), rowsum, R, W, **cfg,
     )
-    block_r, one_r, warps_r = _row_block(R)
-    block_w, one_w, warps_w = _row_block(W)
     _fopru_row_kernel[(B,)](
         scores, scores.stride(0), scores.stride(1), rowsum, out, R, W, keep,
-        KEY64=scores.dtype == torch.float64,
-        BLOCK_R=block_r, ONE_BLOCK_R=one_r, BLOCK_W=block_w, ONE_BLOCK_W=one_w,
-        num_warps=max(warps_r, warps_w),
+        **_fopru_row_config(R, W, scores.dtype),
     )
     return out
 
 
+@_launch.on_inputs_device
 def fopru_select(x, scores, keep: int, strategy: str = "rank", grid_width: int = 0):
     """FoPru selection: (kept tokens [B, keep, D], indices int64 [B, keep] ascending)."""
     V.check_fopru_select(x, scores, keep, strategy, grid_width)
