@@ -179,7 +179,7 @@ def test_cls_logits_grid_spreads_one_image(monkeypatch):
     monkeypatch.setattr(TS, "_cls_logits_kernel", Spy())
     q, k = _qk(1, 37, 4 * 16, torch.float32, seed=5)
     got = TS.cls_attention(q, k, 4)
-    torch.testing.assert_close(got, _ref_scores("cls_attention", q, k, 4), **TOL[torch.float32])
+    torch.testing.assert_close(got.cpu(), _ref_scores("cls_attention", q, k, 4), **TOL[torch.float32])
     assert grids and grids[0][0] == 4
     # LLaVA-1.5 on a GPU, batch 1: hundreds of programs, not a handful.
     cfg = TS._cls_logits_config(577, 64, torch.float32, interpret=False)
@@ -409,7 +409,7 @@ def test_selection_rejects_bad_input():
 
 # --- device guard, host waits ----------------------------------------------------------------
 
-def _every_launcher(dev="cpu", seed=0):
+def _every_launcher(dev=DEVICE, seed=0):
     """One call of every public Triton launcher on small inputs, as (name, thunk)."""
     g = _gen(seed)
     q, k = (torch.randn(2, 17, 32, generator=g).to(dev) for _ in range(2))
@@ -488,7 +488,7 @@ def test_every_kernel_launches_under_the_inputs_device_guard(monkeypatch):
         n_guards = len(guards)
         call()
         assert len(guards) == n_guards + 1, name
-    assert guards == [torch.device("cpu")] * len(calls)
+    assert guards == [torch.empty(0, device=DEVICE).device] * len(calls)
     assert sorted({n for n, _ in launches}) == _kernel_names()
     assert all(d == 1 for _, d in launches), launches
 
@@ -536,12 +536,21 @@ class _HostReads(TorchDispatchMode):
 
 
 def test_host_waits_per_launcher(monkeypatch):
-    """gather_tokens waits once (its range check), prumerge once (its output size), the rest never."""
+    """gather_tokens waits once (its range check), prumerge once (its output size), the rest never
+    (on CUDA also under torch's sync debug mode, which sees every synchronising torch call)."""
     allowed = {"gather_tokens": 1, "prumerge": 1}
     for name, call in _every_launcher():
+        call()  # warm-up: compiles the kernels
         with _HostReads(monkeypatch) as reads:
             call()
         assert reads.count == allowed.get(name, 0), (name, reads.count)
+        if DEVICE == "cuda" and name not in allowed:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                call()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
 
 
 def test_no_host_wait_while_capturing(monkeypatch):
@@ -552,15 +561,16 @@ def test_no_host_wait_while_capturing(monkeypatch):
     x = torch.randn(2, 7, 16, generator=g)
     idx = torch.tensor([[0, -1, 6], [7, 1 << 40, 2]])
     with _HostReads(monkeypatch) as reads:
-        got = TSel.gather_tokens(x, idx)
+        got = TSel.gather_tokens(x.to(DEVICE), idx.to(DEVICE))
     assert reads.count == 0
+    got = got.cpu()
     assert torch.equal(got[0, 0], x[0, 0]) and torch.equal(got[0, 2], x[0, 6])
     assert torch.equal(got[1, 2], x[1, 2])
     assert not got[0, 1].any() and not got[1, 0].any() and not got[1, 1].any()
-    s = torch.randn(2, 7, generator=g)
+    s = torch.randn(2, 7, generator=g).to(DEVICE)
     with _HostReads(monkeypatch) as reads:
         with pytest.raises(RuntimeError, match="CUDA graph"):
-            TP.prumerge(x, x, s)
+            TP.prumerge(x.to(DEVICE), x.to(DEVICE), s)
     assert reads.count == 0
 
 

@@ -9,9 +9,10 @@ whose host side reads the scores, gets small CPU tensors). Each distinct launch 
 per target with triton.compile (Triton's bundled ptxas; no CUDA driver), and fails on a compile
 error, shared memory above the target's per-block limit, or any register spill.
 
-`make test-triton-compile` runs this file against Triton 3.6 (what the GPU machines run,
-installed beside the venv, VTK_EXPECT_TRITON=3.6.0) and against the venv's own Triton, with
-TRITON_INTERPRET=0. Under the interpreter the kernels are not compiled at all: skipped there.
+`make test-triton-compile` (part of `make test`) runs this file against Triton 3.6, what the GPU
+machines run, installed beside the venv (VTK_EXPECT_TRITON=3.6.0 makes the test check that this is
+the Triton it imported); `make test-triton-compile-venv` against the venv's own Triton. Both set
+TRITON_INTERPRET=0: under the interpreter nothing is compiled, so the file skips itself there.
 """
 import os
 
