@@ -46,6 +46,9 @@ from vtkernels.triton import _launch  # noqa: E402
 from vtkernels.triton import prune as TP  # noqa: E402
 from vtkernels.triton import scoring as TS  # noqa: E402
 from vtkernels.triton import select as TSel  # noqa: E402
+from vtkernels.triton import glimpse as TG  # noqa: E402
+from vtkernels.triton import varlen as TV  # noqa: E402
+from vtkernels import _validate as V  # noqa: E402
 
 # Triton 3.9 warns that its FP-fusion default (on, as in 3.6) will change; the check compiles
 # with the default the JIT would use.
@@ -156,6 +159,40 @@ def _prune_calls():
                 yield lambda x=x, keys=keys, s=s, plus=plus: TP.prumerge(x, keys, s, 32, plus)
 
 
+def _varlen_calls():
+    # Qwen2.5-VL tower (width 1280, 16 heads of 80; PruMerge-style single head too), q/k as views
+    # of the fused qkv: one 1024 x 1024 px image (5476 patches), 16K patches, a pack of 8 images.
+    packs = [[5476], [16384], [64, 100, 256, 1024, 1369, 2304, 4096, 5476]]
+    for dtype in DTYPES:
+        for lens in packs:
+            S = sum(lens)
+            q, k = _qk(1, S, 1280, dtype, True)
+            q, k = q[0], k[0]
+            for cu_dtype in (torch.int32, torch.int64):
+                cu = _meta(len(lens) + 1, dtype=cu_dtype)
+                for H in (16, 1):
+                    yield lambda q=q, k=k, cu=cu, H=H: TV.attention_received_varlen(q, k, cu, H)
+
+
+def _glimpse_calls():
+    # LLaVA-1.5-7B/13B (32/40 heads of 128, no GQA), Qwen2.5-VL-7B (28 query heads over 4 KV
+    # heads) and -3B (16 over 2); caches of a prompt with one image and with several images.
+    for dtype in DTYPES:
+        for B, Hq, Hkv, L, D in [(1, 32, 32, 700, 128), (8, 32, 32, 700, 128), (1, 40, 40, 700, 128),
+                                 (1, 28, 4, 1500, 128), (8, 28, 4, 6000, 128), (1, 16, 2, 16500, 128)]:
+            q = _meta(B, Hq, D, dtype=dtype)
+            k = _meta(B, Hkv, L, D, dtype=dtype)
+            mask = _meta(B, L, dtype=torch.bool)
+            yield lambda q=q, k=k: TG.glimpse_logits(q, k)
+            yield lambda q=q, k=k, mask=mask: TG.glimpse_logits(q, k, None, mask, True)
+        # gather_cache: the 22 pruned layers' K and V of a 7B cache (32 x 128 and 8 x 128 KV heads),
+        # plus the hidden states [B, L, 4096].
+        for B, H, L, M in [(1, 32, 700, 70), (8, 8, 700, 350), (1, 4, 6000, 600)]:
+            cache = [_meta(B, H, L, 128, dtype=dtype) for _ in range(44)] + [_meta(B, L, 4096, dtype=dtype)]
+            idx = _meta(B, M, dtype=torch.int64)
+            yield lambda cache=cache, idx=idx: TG.gather_cache(cache, idx)
+
+
 def _record_launches():
     """(kernels, launches): every kernel launch the calls above make, recorded, not run."""
     launches = []
@@ -163,7 +200,10 @@ def _record_launches():
     with pytest.MonkeyPatch.context() as mp:
         for key, (mod, name, fn) in kernels.items():
             mp.setattr(mod, name, _Recorder(key, fn, launches))
-        for call in (*_scoring_calls(), *_select_calls(), *_prune_calls()):
+        # The data-dependent argument checks read values the meta tensors don't have.
+        mp.setattr(V, "check_cu_seqlens_values", lambda *a: None)
+        mp.setattr(V, "check_gather_cache_range", lambda *a: None)
+        for call in (*_scoring_calls(), *_select_calls(), *_prune_calls(), *_varlen_calls(), *_glimpse_calls()):
             call()
     return kernels, launches
 

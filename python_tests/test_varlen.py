@@ -224,6 +224,22 @@ def test_cpp_independent_of_thread_count_and_deterministic():
     assert torch.equal(one, many) and torch.equal(many, again)
 
 
+def test_cpp_under_inference_mode_on_several_threads():
+    # The HF adapters score under torch.inference_mode(): the worker threads must be allowed to
+    # update the (inference) tensors the kernel allocates.
+    lens = [1, 300, 0, 1000, 77]
+    q, k, cu = make_packed(lens, 64, torch.float32, seed=5)
+    want = ops.attention_received_varlen(q, k, cu, 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, before))
+        with torch.inference_mode():
+            got = ops.attention_received_varlen(q, k, cu, 4)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)
+
+
 def test_triton_deterministic():
     q, k, cu = make_packed([7, 130], 32, torch.float32, seed=8)
     assert torch.equal(run("triton", q, k, cu, 2), run("triton", q, k, cu, 2))
@@ -237,7 +253,8 @@ def test_triton_launch_config_is_pure_and_bounded():
             assert cfg == _launch_config(S, C, H, dtype)
             dh = C // H
             assert cfg["BLOCK_D"] >= 16 and cfg["BLOCK_D"] <= 128
-            assert cfg["ONE_CHUNK"] == (dh <= cfg["BLOCK_D"])
+            # Chunked always: the one-chunk row-stats kernel spills on sm_90 (test_triton_compile).
+            assert not cfg["ONE_CHUNK"] and cfg["BLOCK_D"] <= 64
             # shared memory of the dot operands, the bound the docstring promises
             item = 8 if dtype == torch.float64 else 4
             bm, bn, bd, st = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_stages"]

@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from .. import _validate as V
-from .scoring import _acc_dtype, _interpreting, _scale_tensor, _tl_acc, _widen
+from ._launch import interpreting as _interpreting
+from .scoring import _acc_dtype, _scale_tensor, _tl_acc, _widen
 
 __all__ = ["attention_received_varlen"]
 
@@ -49,21 +50,28 @@ __all__ = ["attention_received_varlen"]
 def _launch_config(S: int, C: int, num_heads: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch options of both kernels: a pure function of the shapes and dtype.
 
-    BLOCK_M query rows x BLOCK_N keys per logits tile; BLOCK_D channels per tl.dot. head_dim
-    <= 128 is one chunk (ONE_CHUNK: the program's own q or k tile is loaded once, padded to a
-    power of two >= 16, as tl.dot needs); a wider head is looped in chunks of 64, so the tiles do
-    not grow with head_dim (up to 1280 and beyond). Shared memory of the dot operands, with
+    BLOCK_M query rows x BLOCK_N keys per logits tile; BLOCK_D channels per tl.dot. Every head is
+    looped in chunks of at most 64 channels (a power of two >= 16, as tl.dot needs), so the tiles
+    do not grow with head_dim (up to 1280 and beyond). The ONE_CHUNK variant (the program's own
+    q or k tile loaded once) is kept in the kernels but not chosen: its row-stats kernel spills
+    on sm_90. Shared memory of the dot operands, with
     num_stages buffers for the streamed tiles: one chunk, BLOCK_M * BLOCK_D + num_stages *
     BLOCK_N * BLOCK_D elements; chunked, num_stages * (BLOCK_M + BLOCK_N) * BLOCK_D. Both stay at
     or under 96 KiB for every dtype (float64 halves the tiles: twice the bytes per element and
     per register), well inside Hopper's 227 KiB.
     """
     head_dim = C // num_heads
-    one_chunk = head_dim <= 128
-    block_d = max(16, triton.next_power_of_2(head_dim)) if one_chunk else 64
-    block = 32 if dtype == torch.float64 else 64
+    # The one-chunk variant of the row-stats kernel spills on sm_90 (ptxas caps it at 32
+    # registers: ~8 KiB spilled at head_dim 80, python_tests/test_triton_compile.py), so every
+    # head is looped in chunks of at most 64 channels.
+    one_chunk = False
+    block_d = min(64, max(16, triton.next_power_of_2(head_dim)))
+    # 32-bit and 64-bit products run without tensor-core fragments (no TF32): 64 x 64 tiles spill
+    # there, 32 x 32 do not.
+    wide = dtype in (torch.float32, torch.float64)
+    block = 32 if wide else 64
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, ONE_CHUNK=one_chunk,
-                num_warps=4, num_stages=2)
+                num_warps=4 if wide else 8, num_stages=2)
 
 
 @triton.jit
