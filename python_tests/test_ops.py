@@ -264,3 +264,30 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(prune, fullgraph=True, backend="inductor")
     for got, want in zip(compiled(q, k, x), prune(q, k, x)):
         assert torch.equal(got, want)
+
+
+def test_cpu_kernels_under_inference_mode_on_several_threads():
+    # The HF adapters and `vtk demo` call the ops under torch.inference_mode(); the CPU kernels'
+    # worker threads run ATen ops on tensors made under it, so they must carry the mode along.
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(2, 65, 64, generator=g), torch.randn(2, 65, 64, generator=g)
+    x, s = torch.randn(2, 64, 32, generator=g), torch.rand(2, 64, generator=g)
+    calls = {
+        "cls_attention": lambda: ops.cls_attention(q, k, 4),
+        "attention_received": lambda: ops.attention_received(q, k, 4),
+        "fopru_significance": lambda: ops.fopru_significance(q, k, 4),
+        "fopru_select": lambda: ops.fopru_select(x, s, 16, "row"),
+        "vispruner_select": lambda: ops.vispruner_select(x, s, 12),
+        "prumerge": lambda: ops.prumerge(x, x, s),
+    }
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, before))
+        for name, call in calls.items():
+            want = call()
+            with torch.inference_mode():
+                got = call()
+            for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+                assert torch.equal(a, b), name
+    finally:
+        torch.set_num_threads(before)

@@ -59,7 +59,7 @@ void glimpse_dots(const at::Tensor& q, const at::Tensor& k, const GlimpseShape& 
   // The reference multiplies acc_t logits by the Python float: torch rounds it to acc_t first.
   const acc_t sc = static_cast<acc_t>(scale);
   const int64_t tasks = s.B * s.Hkv * nblocks;
-  at::parallel_for(0, tasks, grain_for(G * kKeyBlock * s.D), [&](int64_t t0, int64_t t1) {
+  vtk::parallel_for(0, tasks, grain_for(G * kKeyBlock * s.D), [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> qbuf(G * s.D), kbuf(kKeyBlock * s.D);
     int64_t loaded = -1;  // (b, kv head) whose query rows are in qbuf
     for (int64_t t = t0; t < t1; ++t) {
@@ -95,7 +95,7 @@ void glimpse_log_softmax(acc_t* lg, const GlimpseShape& s, const c10::optional<a
   const bool* mp = key_mask.has_value() ? key_mask->const_data_ptr<bool>() : nullptr;
   const int64_t msb = mp ? key_mask->stride(0) : 0, msl = mp ? key_mask->stride(1) : 0;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  at::parallel_for(0, s.B * s.Hq, grain_for(4 * s.L), [&](int64_t r0, int64_t r1) {
+  vtk::parallel_for(0, s.B * s.Hq, grain_for(4 * s.L), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       acc_t* x = lg + r * s.L;
       const bool* mrow = mp ? mp + (r / s.Hq) * msb : nullptr;
@@ -213,7 +213,7 @@ std::vector<at::Tensor> gather_cache_cpu(at::TensorList tensors, const at::Tenso
   if (rows == 0) return outs;
 
   const int64_t M = s.M;
-  at::parallel_for(0, rows, grain_for(std::max<int64_t>(1, bytes / rows)), [&](int64_t r0, int64_t r1) {
+  vtk::parallel_for(0, rows, grain_for(std::max<int64_t>(1, bytes / rows)), [&](int64_t r0, int64_t r1) {
     // The tensor that owns row r0, then walk: each (tensor, b, mid...) segment of M rows shares
     // one source base, computed once.
     size_t ti = std::upper_bound(plans.begin(), plans.end(), r0,

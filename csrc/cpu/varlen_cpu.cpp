@@ -199,11 +199,7 @@ at::Tensor attention_received_varlen_cpu(const at::Tensor& q, const at::Tensor& 
   const bool small = ntasks == 1 || work < static_cast<double>(at::internal::GRAIN_SIZE);
   const int64_t workers = small ? 1 : std::min<int64_t>(at::get_num_threads(), ntasks);
   std::atomic<int64_t> next{0};
-  // The workers run ATen ops on tensors made here: under torch.inference_mode() those are
-  // inference tensors, and a worker thread (no inference mode of its own) may not update them.
-  const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    c10::InferenceMode guard(inference);
+  vtk::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     at::Tensor buf = at::empty({kTileBytes / static_cast<int64_t>(c10::elementSize(acc))}, q.options().dtype(acc));
     for (int64_t i = next++; i < ntasks; i = next++) {
       const Task& t = tasks[i];
