@@ -36,13 +36,14 @@ TOL = {
     torch.bfloat16: (1e-5, 1e-7),
 }
 
-# (segment lengths, C, heads): head dims 16, 8 (< 16: tl.dot pads), 160 (> 128: Triton loops
-# head_dim in chunks), 1280 (one head of the widest Qwen tower width).
+# (segment lengths, C, heads): head dims 16, 8 (< 16: tl.dot pads), 80 (Qwen's; chunked in
+# float32/64 by Triton), 160 (chunked in every dtype), 1280 (one head of the Qwen tower's width).
 CASES = [
     ([1], 32, 2),
     ([1, 7, 49, 130], 32, 2),
     ([0, 5, 0, 33, 1, 0], 24, 3),
     ([19, 64, 65], 320, 2),
+    ([3, 70], 160, 2),
     ([37], 1280, 1),
 ]
 
@@ -231,18 +232,20 @@ def test_triton_deterministic():
 
 def test_triton_launch_config_is_pure_and_bounded():
     from vtkernels.triton.varlen import _launch_config
-    for S, C, H in [(1, 8, 1), (5476, 1280, 16), (64, 1280, 1), (100, 1024, 16), (7, 1152, 16)]:
+    for S, C, H in [(1, 8, 1), (5476, 1280, 16), (64, 1280, 1), (100, 1024, 16), (7, 1152, 16), (9, 2048, 16)]:
         for dtype in DTYPES:
             cfg = _launch_config(S, C, H, dtype)
             assert cfg == _launch_config(S, C, H, dtype)
             dh = C // H
             assert cfg["BLOCK_D"] >= 16 and cfg["BLOCK_D"] <= 128
             assert cfg["ONE_CHUNK"] == (dh <= cfg["BLOCK_D"])
-            # shared memory of the dot operands, the bound the docstring promises
-            item = 8 if dtype == torch.float64 else 4
+            # shared memory of the dot operands and register tiles, the bounds the docstring promises
+            item = torch.empty(0, dtype=dtype).element_size()
             bm, bn, bd, st = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_stages"]
             elems = bm * bd + st * bn * bd if cfg["ONE_CHUNK"] else st * (bm + bn) * bd
-            assert elems * item <= 96 * 1024, (S, C, H, dtype, cfg)
+            assert elems * item <= 48 * 1024, (S, C, H, dtype, cfg)
+            if item >= 4:  # FMA dots: operands in registers, at most 16 KiB per operand tile
+                assert max(bm, bn) * bd * item <= 16 * 1024, (S, C, H, dtype, cfg)
 
 
 # --- bad input -------------------------------------------------------------------------------

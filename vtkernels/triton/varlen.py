@@ -23,8 +23,8 @@ Block b of the packed sequence belongs to the segment s with first[s] <= b < fir
 first = the exclusive cumulative sum of cdiv(n_s, BLOCK) (computed on the device: no host
 sync); a program finds s by binary search over first. The grid is sized by S alone:
 sum_s cdiv(n_s, BLOCK) <= cdiv(S, BLOCK) + (number of segments), and programs past the last
-block return at once. head_dim is looped in BLOCK_D chunks when it exceeds 128, so the tiles
-(and the shared memory) do not grow with it. Accumulation is float32, or float64 for float64
+block return at once. head_dim is looped in BLOCK_D chunks when it is wide (_launch_config), so
+the tiles (and the shared memory) do not grow with it. Accumulation is float32, or float64 for float64
 inputs; the output is float32.
 
 The value check of cu_seqlens (starts at 0, non-decreasing, ends at S) reads the values on the
@@ -49,22 +49,28 @@ __all__ = ["attention_received_varlen"]
 def _launch_config(S: int, C: int, num_heads: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch options of both kernels: a pure function of the shapes and dtype.
 
-    BLOCK_M query rows x BLOCK_N keys per logits tile; BLOCK_D channels per tl.dot. head_dim
-    <= 128 is one chunk (ONE_CHUNK: the program's own q or k tile is loaded once, padded to a
-    power of two >= 16, as tl.dot needs); a wider head is looped in chunks of 64, so the tiles do
-    not grow with head_dim (up to 1280 and beyond). Shared memory of the dot operands, with
-    num_stages buffers for the streamed tiles: one chunk, BLOCK_M * BLOCK_D + num_stages *
-    BLOCK_N * BLOCK_D elements; chunked, num_stages * (BLOCK_M + BLOCK_N) * BLOCK_D. Both stay at
-    or under 96 KiB for every dtype (float64 halves the tiles: twice the bytes per element and
-    per register), well inside Hopper's 227 KiB.
+    BLOCK_M query rows x BLOCK_N keys per logits tile; BLOCK_D channels per tl.dot. A head of at
+    most `whole` channels is one chunk (ONE_CHUNK: the program's own q or k tile is loaded once,
+    padded to a power of two >= 16, as tl.dot needs); a wider head is looped in chunks of
+    `chunk`, so the tiles do not grow with head_dim (1280 and beyond). The dot operands of
+    float32 and float64 (no tensor cores: "ieee" FMA dots) sit in registers, so their chunks are
+    kept small (at most 64 x 64 float32 or 32 x 64 float64 per operand, 4 warps): no spills;
+    16-bit tiles take a whole head of up to 128 channels (Qwen's 80 pad to 128). Shared memory of
+    the dot operands, with num_stages buffers for the streamed tiles: one chunk, BLOCK_M *
+    BLOCK_D + num_stages * BLOCK_N * BLOCK_D elements; chunked, num_stages * (BLOCK_M + BLOCK_N)
+    * BLOCK_D; at most 48 KiB here, far inside Hopper's 227 KiB.
     """
     head_dim = C // num_heads
-    one_chunk = head_dim <= 128
-    block_d = max(16, triton.next_power_of_2(head_dim)) if one_chunk else 64
-    block = 32 if dtype == torch.float64 else 64
+    if dtype in (torch.float16, torch.bfloat16):
+        whole, chunk, block = 128, 64, 64
+    elif dtype == torch.float64:
+        whole, chunk, block = 64, 32, 32
+    else:
+        whole, chunk, block = 64, 32, 64
+    one_chunk = head_dim <= whole
+    block_d = max(16, triton.next_power_of_2(head_dim)) if one_chunk else chunk
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, ONE_CHUNK=one_chunk,
                 num_warps=4, num_stages=2)
-
 
 @triton.jit
 def _segment_of(first_ptr, NSEG, pid):
