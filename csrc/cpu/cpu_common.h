@@ -1,6 +1,8 @@
 // Types shared by the CPU kernels.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -10,6 +12,19 @@
 #include "../common/rank_key.h"
 
 namespace vtk {
+
+// at::parallel_for whose workers run with the caller's thread-local state (grad mode, inference
+// mode, dispatch keys). The kernels run tensor ops inside their workers, and OpenMP threads keep
+// the defaults: under torch.inference_mode() a tensor the caller made is an inference tensor, and
+// an in-place op on it from a worker outside inference mode fails.
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain_size, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain_size, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard guard(state);
+    f(b, e);
+  });
+}
 
 // Accumulation: float64 stays float64, every other float dtype computes in float32 (exact
 // widening for half and bfloat16).

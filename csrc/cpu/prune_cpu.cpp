@@ -49,7 +49,7 @@ at::Tensor rank_order(const at::Tensor& scores) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "vtk_rank_order", [&] {
     const scalar_t* sp = scores.const_data_ptr<scalar_t>();
     const int64_t sb = scores.stride(0), sn = scores.stride(1);
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    vtk::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<std::pair<key_t<scalar_t>, int64_t>> buf;
       for (int64_t b = b0; b < b1; ++b) rank_row(sp + b * sb, sn, N, op + b * N, buf);
     });
@@ -144,7 +144,7 @@ at::Tensor vispruner_select_cpu(const at::Tensor& x, const at::Tensor& scores, i
     for (int64_t b = 0; b < B; ++b) S.push_back(at::matmul(xn.select(0, b), xn.select(0, b).t()).contiguous());
   }
   AT_DISPATCH_FLOATING_TYPES(acc_type_of(x.scalar_type()), "vispruner_select_cpu", [&] {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    vtk::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<int32_t> list, next, bidx;
       std::vector<std::pair<key_t<scalar_t>, int64_t>> ranked;
       for (int64_t b = b0; b < b1; ++b) {
@@ -294,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> prumerge_cpu(const at::Tensor& x, const at::T
       const int64_t sxb = x.stride(0), sxn = x.stride(1), sxd = x.stride(2);
       scalar_t* op = out.data_ptr<scalar_t>();
       // One task per output row (kept token or summary) keeps both cores busy at batch 1.
-      at::parallel_for(0, B * M, 1, [&](int64_t r0, int64_t r1) {
+      vtk::parallel_for(0, B * M, 1, [&](int64_t r0, int64_t r1) {
         std::vector<std::pair<key_t<sim_t>, int64_t>> cand;
         std::vector<acc_t> acc(D);
         for (int64_t row = r0; row < r1; ++row) {

@@ -32,7 +32,7 @@ at::Tensor cls_attention_cpu(const at::Tensor& q, const at::Tensor& k, int64_t n
   const double sc = resolve_scale(scale, dh);
   const auto acc = acc_type_of(q.scalar_type());
   auto out = at::empty({B, N}, q.options().dtype(at::kFloat));
-  at::parallel_for(0, B, grain_for(T * C), [&](int64_t b0, int64_t b1) {
+  vtk::parallel_for(0, B, grain_for(T * C), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       // One query row per head: logits [H, T] = k_h [H, T, dh] x q0_h [H, dh, 1] (a batched
       // matrix-vector product, vectorised by BLAS), softmax over all T keys, then heads added
@@ -57,7 +57,7 @@ void patch_sums(const at::Tensor& q, const at::Tensor& k, int64_t num_heads, dou
   const auto acc = acc_type_of(q.scalar_type());
   colsum = at::zeros({B, num_heads, N}, q.options().dtype(acc));
   rowsum = at::zeros({B, num_heads, N}, q.options().dtype(acc));
-  at::parallel_for(0, B * num_heads, grain_for(T * T * dh), [&](int64_t i0, int64_t i1) {
+  vtk::parallel_for(0, B * num_heads, grain_for(T * T * dh), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / num_heads, h = i % num_heads;
         // Head slices of one image: strided views, converted once to the accumulation dtype.

@@ -88,7 +88,7 @@ at::Tensor topk_indices_cpu(const at::Tensor& scores, int64_t k) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "topk_indices_cpu", [&] {
     const scalar_t* sp = scores.const_data_ptr<scalar_t>();
     const int64_t sb = scores.stride(0), sn = scores.stride(1);
-    at::parallel_for(0, B, grain_for(N), [&](int64_t b0, int64_t b1) {
+    vtk::parallel_for(0, B, grain_for(N), [&](int64_t b0, int64_t b1) {
       std::vector<std::pair<key_t<scalar_t>, int64_t>> buf;
       for (int64_t b = b0; b < b1; ++b) topk_row(sp + b * sb, sn, N, k, op + b * k, buf);
     });
@@ -106,7 +106,7 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& indices) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_tokens_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain_for(k * D), [&](int64_t b0, int64_t b1) {
+    vtk::parallel_for(0, B, grain_for(k * D), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         copy_rows(xp + b * x.stride(0), x.stride(1), x.stride(2), D, ip + b * k, k, op + b * k * D);
     });
@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> fopru_select_cpu(const at::Tensor& x, const a
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fopru_select_cpu_x", [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
-      at::parallel_for(0, B, grain_for(N + keep * D), [&](int64_t b0, int64_t b1) {
+      vtk::parallel_for(0, B, grain_for(N + keep * D), [&](int64_t b0, int64_t b1) {
         std::vector<std::pair<key_t<s_t>, int64_t>> buf;
         std::vector<std::pair<uint64_t, int64_t>> rows;
         for (int64_t b = b0; b < b1; ++b) {
