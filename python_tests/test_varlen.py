@@ -208,6 +208,19 @@ def test_long_segment_cpp(long_case, dtype):
     assert abs(float(got[:16391].double().sum()) - 1.0) < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_inference_mode_and_grad_inputs(backend):
+    """Under torch.inference_mode() (how models run) and on inputs that require grad; the C++
+    kernel's worker threads must see the caller's mode, or their in-place adds fail."""
+    q, k, cu = make_packed([130, 300, 7], 64, torch.float32, seed=10)
+    want = oracle(q, k, cu, 4)
+    with torch.inference_mode():
+        qi, ki = q.clone(), k.clone()
+        check(run(backend, qi, ki, cu, 4), want, torch.float32, 437)
+    qg = q.clone().requires_grad_()
+    check(run(backend, qg, k, cu, 4).detach(), want, torch.float32, 437)
+
+
 def test_cpp_independent_of_thread_count_and_deterministic():
     lens = [1, 300, 0, 1000, 77]
     q, k, cu = make_packed(lens, 64, torch.float32, seed=3)
@@ -323,19 +336,27 @@ def test_torch_compile_fullgraph():
 
 # --- CUDA (gpu marker; needs a device) --------------------------------------------------------
 
+# Qwen2.5-VL-7B tower shapes: one 1024 x 1024 px image, and images of several sizes packed.
+CUDA_TOWER_CASES = [([5476], 1280, 16), ([1024, 4096, 1, 0, 333, 2000], 1280, 16)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_dispatch_matches_reference(dtype):
     assert vtkernels.backend_of("attention_received_varlen", "CUDA") == "triton"
-    for lens, C, H in CASES + [([5476], 1280, 16), ([1024, 4096, 1, 0, 333, 2000], 1280, 16)]:
+    # The tower shapes in float16 (what the benchmark runs) and float32; the oracle on the host
+    # forms each image's float64 map, so they are not repeated for every dtype.
+    cases = CASES + (CUDA_TOWER_CASES if dtype in (torch.float16, torch.float32) else [])
+    for lens, C, H in cases:
         q, k, cu = make_packed(lens, C, dtype, seed=C)
         got = ops.attention_received_varlen(q.cuda(), k.cuda(), cu.cuda(), H)
         assert got.is_cuda
         rtol, atol = TOL[dtype]
         assert_close(got.cpu(), oracle(q, k, cu, H), rtol=rtol, atol=atol)
+    q = torch.randn(10, 8, device="cuda", dtype=dtype)
     with pytest.raises(ValueError, match="non-decreasing"):
-        ops.attention_received_varlen(q.cuda(), k.cuda(), torch.tensor([0, 9, 1] + [sum(lens)]).cuda(), H)
+        ops.attention_received_varlen(q, q, torch.tensor([0, 9, 1, 10], device="cuda"), 2)
 
 
 @pytest.mark.gpu

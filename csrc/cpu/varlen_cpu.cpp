@@ -221,6 +221,9 @@ struct Task {
 at::Tensor attention_received_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens,
                                          int64_t num_heads, c10::optional<double> scale) {
   check_varlen(q, k, cu_seqlens, num_heads, scale);
+  // Scores have no gradient (the op has no autograd formula); without this, inputs that require
+  // grad reach the ops below recording a graph, and mm_out refuses them.
+  at::NoGradGuard no_grad;
   const int64_t S = q.size(0), C = q.size(1), H = num_heads, dh = C / H;
   const std::vector<int64_t> cu = cu_seqlens_values(cu_seqlens, S);
   const double sc = resolve_scale(scale, dh);
@@ -261,7 +264,7 @@ at::Tensor attention_received_varlen_cpu(const at::Tensor& q, const at::Tensor& 
   const bool small = ntasks == 1 || work < static_cast<double>(at::internal::GRAIN_SIZE);
   const int64_t workers = small ? 1 : std::min<int64_t>(at::get_num_threads(), ntasks);
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  vtk::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     at::Tensor buf = at::empty({kTileBytes / static_cast<int64_t>(c10::elementSize(acc))}, q.options().dtype(acc));
     for (int64_t i = next++; i < ntasks; i = next++) {
       const Task& t = tasks[i];

@@ -21,11 +21,11 @@ twice, the price of that determinism.
 
 Block b of the packed sequence belongs to the segment s with first[s] <= b < first[s+1], where
 first = the exclusive cumulative sum of cdiv(n_s, BLOCK) (computed on the device: no host
-sync); a program finds s by binary search over first. The grid is sized by S alone:
-sum_s cdiv(n_s, BLOCK) <= cdiv(S, BLOCK) + (number of segments), and programs past the last
-block return at once. head_dim is looped in BLOCK_D chunks when it is wide (_launch_config), so
-the tiles (and the shared memory) do not grow with it. Accumulation is float32, or float64 for float64
-inputs; the output is float32.
+sync); a program finds s by binary search over first. The grid is sized by the shapes alone (S
+and the number of segments n, no values): sum_s cdiv(n_s, BLOCK) <= cdiv(S, BLOCK) + n, and
+programs past the last block return at once. head_dim is looped in BLOCK_D chunks when it is
+wide (_launch_config), so the tiles (and the shared memory) do not grow with it. Accumulation is
+float32, or float64 for float64 inputs; the output is float32.
 
 The value check of cu_seqlens (starts at 0, non-decreasing, ends at S) reads the values on the
 host: it runs in eager mode and is skipped while a CUDA graph is being captured (a capture may
