@@ -2,7 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/core/InferenceMode.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -12,6 +12,19 @@
 #include "../common/rank_key.h"
 
 namespace vtk {
+
+// at::parallel_for whose workers run with the caller's thread-local state (grad mode, inference
+// mode, dispatch keys). The kernels run tensor ops inside their workers, and OpenMP threads keep
+// the defaults: under torch.inference_mode() a tensor the caller made is an inference tensor, and
+// an in-place op on it from a worker outside inference mode fails.
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain_size, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain_size, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard guard(state);
+    f(b, e);
+  });
+}
 
 // Accumulation: float64 stays float64, every other float dtype computes in float32 (exact
 // widening for half and bfloat16).
@@ -36,19 +49,6 @@ void keyed_row(const scalar_t* s, int64_t stride, int64_t N,
                std::vector<std::pair<key_t<scalar_t>, int64_t>>& buf) {
   buf.resize(N);
   for (int64_t i = 0; i < N; ++i) buf[i] = {rank_key(static_cast<compute_t<scalar_t>>(s[i * stride])), i};
-}
-
-// at::parallel_for, with the caller's torch.inference_mode() carried into the worker threads:
-// OpenMP workers do not inherit it, and an ATen op there that updates a tensor the caller made
-// under inference mode (an inference tensor) would fail ("Inplace update to inference tensor
-// outside InferenceMode").
-template <class F>
-inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(begin, end, grain, [&](int64_t b0, int64_t b1) {
-    c10::InferenceMode guard(inference);
-    f(b0, b1);
-  });
 }
 
 }  // namespace vtk

@@ -21,11 +21,11 @@ twice, the price of that determinism.
 
 Block b of the packed sequence belongs to the segment s with first[s] <= b < first[s+1], where
 first = the exclusive cumulative sum of cdiv(n_s, BLOCK) (computed on the device: no host
-sync); a program finds s by binary search over first. The grid is sized by S alone:
-sum_s cdiv(n_s, BLOCK) <= cdiv(S, BLOCK) + (number of segments), and programs past the last
-block return at once. head_dim is looped in BLOCK_D chunks when it exceeds 128, so the tiles
-(and the shared memory) do not grow with it. Accumulation is float32, or float64 for float64
-inputs; the output is float32.
+sync); a program finds s by binary search over first. The grid is sized by the shapes alone (S
+and the number of segments n, no values): sum_s cdiv(n_s, BLOCK) <= cdiv(S, BLOCK) + n, and
+programs past the last block return at once. head_dim is looped in BLOCK_D chunks when it is
+wide (_launch_config), so the tiles (and the shared memory) do not grow with it. Accumulation is
+float32, or float64 for float64 inputs; the output is float32.
 
 The value check of cu_seqlens (starts at 0, non-decreasing, ends at S) reads the values on the
 host: it runs in eager mode and is skipped while a CUDA graph is being captured (a capture may
@@ -51,28 +51,23 @@ def _launch_config(S: int, C: int, num_heads: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch options of both kernels: a pure function of the shapes and dtype.
 
     BLOCK_M query rows x BLOCK_N keys per logits tile; BLOCK_D channels per tl.dot. Every head is
-    looped in chunks of at most 64 channels (a power of two >= 16, as tl.dot needs), so the tiles
-    do not grow with head_dim (up to 1280 and beyond). The ONE_CHUNK variant (the program's own
-    q or k tile loaded once) is kept in the kernels but not chosen: its row-stats kernel spills
-    on sm_90. Shared memory of the dot operands, with
-    num_stages buffers for the streamed tiles: one chunk, BLOCK_M * BLOCK_D + num_stages *
-    BLOCK_N * BLOCK_D elements; chunked, num_stages * (BLOCK_M + BLOCK_N) * BLOCK_D. Both stay at
-    or under 96 KiB for every dtype (float64 halves the tiles: twice the bytes per element and
-    per register), well inside Hopper's 227 KiB.
+    looped in chunks of at most 64 channels (32 in float64; a power of two >= 16, as tl.dot
+    needs), so the tiles do not grow with head_dim (1280 and beyond). The ONE_CHUNK variant (the
+    program's own q or k tile loaded once) stays in the kernels but is not chosen: compiled for
+    sm_90, its row-stats kernel is held to 32 registers by ptxas and spills ~8 KiB at head_dim 80
+    (python_tests/test_triton_compile.py). The dot operands of float32 and float64 (no tensor
+    cores: "ieee" FMA dots) sit in registers: 32 x 32 tiles there (64 x 64 spilled on sm_80),
+    64 x 64 with 8 warps for 16-bit. Shared memory of the dot operands, num_stages * (BLOCK_M +
+    BLOCK_N) * BLOCK_D elements: at most 48 KiB, far inside Hopper's 227 KiB.
     """
     head_dim = C // num_heads
-    # The one-chunk variant of the row-stats kernel spills on sm_90 (ptxas caps it at 32
-    # registers: ~8 KiB spilled at head_dim 80, python_tests/test_triton_compile.py), so every
-    # head is looped in chunks of at most 64 channels.
-    one_chunk = False
-    block_d = min(64, max(16, triton.next_power_of_2(head_dim)))
-    # 32-bit and 64-bit products run without tensor-core fragments (no TF32): 64 x 64 tiles spill
-    # there, 32 x 32 do not.
     wide = dtype in (torch.float32, torch.float64)
     block = 32 if wide else 64
+    chunk = 32 if dtype == torch.float64 else 64
+    one_chunk = False
+    block_d = min(chunk, max(16, triton.next_power_of_2(head_dim)))
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, ONE_CHUNK=one_chunk,
                 num_warps=4 if wide else 8, num_stages=2)
-
 
 @triton.jit
 def _segment_of(first_ptr, NSEG, pid):
