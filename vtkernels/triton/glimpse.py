@@ -28,47 +28,23 @@ Middle dims are collapsed into one when their strides allow; a tensor whose midd
 """
 from __future__ import annotations
 
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _validate as V
+from ._launch import device_guard as _device_guard
+from ._launch import interpreting as _interpreting
+from .scoring import _tl_acc, _widen
 
 __all__ = ["glimpse_logits", "gather_cache"]
 
 _NATIVE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
-
-
-def _device_guard(device: torch.device):
-    # Triton launches on the current CUDA device, whatever device the pointers belong to.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-@triton.jit
-def _widen(x, ACC: tl.constexpr):
-    """x in the accumulation dtype, exactly. bfloat16 goes through its bits (bits << 16 is the
-    float32 pattern): the interpreter's own bfloat16 conversion mangles subnormals."""
-    if x.dtype.is_bf16():
-        y = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        y = y.to(ACC)
-    else:
-        y = x.to(ACC)
-    return y
 
 
 # --- glimpse_logits ------------------------------------------------------------------------
