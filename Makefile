@@ -62,7 +62,7 @@ $(VENV)/tf-old/.stamp: $(STAMP)
 test-hf-old: build $(VENV)/tf-old/.stamp
 	PYTHONPATH=$(VENV)/tf-old TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider \
 	  python_tests/test_hf.py python_tests/test_hf_qwen.py python_tests/test_flops.py python_tests/test_cli.py \
-	  python_tests/test_glimpse.py python_tests/test_glimpse_train.py
+	  python_tests/test_glimpse.py python_tests/test_glimpse_train.py python_tests/test_glimpse_train_qwen.py
 
 # Triton as the GPU machines run it, kept beside the venv (like transformers $(TF_OLD)).
 $(VENV)/triton36/.stamp: $(STAMP)

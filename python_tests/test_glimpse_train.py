@@ -58,19 +58,20 @@ def texture(rng, w, h):
     return base[..., None] + rng.integers(-25, 25, size=(h, w, 3))
 
 
-def write_synthetic(folder, n, seed, name):
-    """n rows in folder/name (jsonl), images under folder/img/. Returns the jsonl path."""
+def write_synthetic(folder, n, seed, name, sizes=SIZES, box=(24, 50)):
+    """n rows in folder/name (jsonl), images under folder/img/ of the (width, height) ``sizes``,
+    rectangles of box[0] to box[1] - 1 pixels a side. Returns the jsonl path."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, "img"), exist_ok=True)
     rows = []
     for i in range(n):
-        w, h = SIZES[rng.integers(len(SIZES))]
+        w, h = sizes[rng.integers(len(sizes))]
         arr = texture(rng, w, h)
         k = 1 + int(rng.random() < 0.5)
         names = list(rng.choice(list(COLOURS), size=k, replace=False))
         boxes = []
         while len(boxes) < k:
-            bw, bh = int(rng.integers(24, 50)), int(rng.integers(24, 50))
+            bw, bh = int(rng.integers(*box)), int(rng.integers(*box))
             x1, y1 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
             b = (x1, y1, x1 + bw, y1 + bh)
             if all(b[2] <= o[0] or o[2] <= b[0] or b[3] <= o[1] or o[3] <= b[1] for o in boxes):
@@ -527,20 +528,20 @@ def test_box_mask_of_a_sample_follows_the_processor(small_set):
 # ----------------------------------------------------------------------------- models and options
 
 def test_other_models_are_clear_errors(tmp_path):
-    from transformers import AutoConfig, Qwen2_5_VLConfig
-    with pytest.raises(NotImplementedError, match="not implemented yet.*glimpse inference"):
-        adapter_for(Qwen2_5_VLConfig())
+    from transformers import AutoConfig, Qwen3VLConfig
+    with pytest.raises(NotImplementedError, match="not implemented: of the Qwen-VL families only Qwen2.5-VL"):
+        adapter_for(Qwen3VLConfig())
     nxt, proc = cli.tiny_llava("llava_next", image_size=56, patch_size=14, vision_hidden=32, vision_layers=1,
                                text_hidden=32, text_layers=1)
-    with pytest.raises(ValueError, match="supports LLaVA-1.5"):
+    with pytest.raises(ValueError, match="supports LLaVA-1.5 .* and Qwen2.5-VL"):
         adapter_for(nxt)
     with pytest.raises(ValueError, match="supports LLaVA-1.5"):
         GlimpseDataset.from_source([], tmp_path, proc, nxt)
     # The command line says the same before loading any weights.
-    qwen = tmp_path / "qwen"
-    Qwen2_5_VLConfig().save_pretrained(qwen)
-    assert AutoConfig.from_pretrained(qwen).model_type == "qwen2_5_vl"
-    with pytest.raises(SystemExit, match="not implemented yet"):
+    qwen = tmp_path / "qwen3"
+    Qwen3VLConfig().save_pretrained(qwen)
+    assert AutoConfig.from_pretrained(qwen).model_type == "qwen3_vl"
+    with pytest.raises(SystemExit, match="not implemented"):
         cli.main(["glimpse-train", "--model", str(qwen), "--data", "x.jsonl", "--images", str(tmp_path),
                   "--out", str(tmp_path / "o")])
 
@@ -626,4 +627,4 @@ def test_cli_help():
     for opt in ("--model", "--data", "--images", "--out", "--steps", "--epochs", "--lr", "--batch-size",
                 "--grad-accum", "--max-samples", "--seed", "--resume", "--device", "--max-bad-fraction"):
         assert opt in res.stdout
-    assert "bboxs" in res.stdout and "Qwen2.5-VL: not yet" in res.stdout
+    assert "bboxs" in res.stdout and "Qwen2.5-VL" in res.stdout and "not yet" not in res.stdout

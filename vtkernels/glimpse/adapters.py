@@ -10,19 +10,27 @@ set, the loop, the checkpoints and the evaluation (``data.py``, ``train.py``) on
   prompts alone, as the processor gives them for inference (the evaluation prunes through
   ``apply_glimpse``, the inference code itself);
 - ``forward(model, head, batch, dropout, generator, training)``: (VIP logits [B, N] float32, LM
-  loss), with no pruning, the glimpse at ``glimpse_index``.
+  loss), with no pruning, the glimpse at ``glimpse_index``. When the images of a batch differ in
+  size (Qwen2.5-VL), N is the largest image's token count and the batch carries ``box_valid``
+  [B, N] (which entries are tokens); ``train.vip_losses`` reads only those.
 
-LLaVA-1.5 is the one family today. A Qwen2.5-VL adapter would add: the per-image merged grids
-(h/2 x w/2 from ``image_grid_thw``, different per image, so masks and VIP calls per image or
-padded), the box geometry of its ``smart_resize`` (a resize to multiples of 28, no crop), the
-conditions from vision blocks 31, 23, 15, 7 averaged over each merge unit, the raw glimpse logits,
-and M-RoPE positions for the glimpse (all three rows) and the shifted answer. Its inference
-(``apply_glimpse``) does not exist yet either; ``adapter_for`` says so.
+The families share the sequence layout, the padding and the forward (``_TrainAdapter``): the
+glimpse g(0) in the slot, g(l) added before layer l >= 1, dropout on g, layer K's glimpse row
+(its query after the rotary against the layer's rotated keys) and the answer's cross-entropy.
+A family brings its image tokens and VIP conditions, its positions and its VIP calls:
+
+- LLaVA-1.5 (``LlavaTrainAdapter``): one 24 x 24 (image_size / patch_size) grid per image, CLIP
+  hidden states as conditions, positions 0..S-1, the log-softmax of the glimpse row;
+- Qwen2.5-VL (``QwenTrainAdapter``): each image's merged grid (h/2 x w/2 of ``image_grid_thw``,
+  different per image), the outputs of vision blocks 31, 23, 15, 7 averaged over each merge unit
+  (``qwen.run_tower``), M-RoPE positions (``qwen.rope_positions``: the slot is a text token, so
+  the glimpse sits at the prompt's last position + 1 in all three rows and the answer one place
+  later), the raw glimpse logits, the VIP once per distinct grid of the batch.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +39,13 @@ from torch import Tensor
 from .data import Row, box_grid_mask
 from .infer import _inspect, _output, _rotate_half
 
-__all__ = ["LlavaTrainAdapter", "adapter_for", "llava_geometry", "llava_box_mask", "prompt_text"]
+__all__ = ["LlavaTrainAdapter", "QwenTrainAdapter", "adapter_for", "llava_geometry", "llava_box_mask",
+           "qwen_resized_size", "qwen_box_mask", "prompt_text", "QWEN_IMAGE"]
+
+# The placeholder a Qwen-VL prompt holds for one image (its processor expands <|image_pad|>).
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# Qwen-VL families GlimpsePrune has no training (nor inference) for.
+_OTHER_QWEN = ("qwen2_vl", "qwen3_vl", "qwen3_5")
 
 
 def _model_type(model) -> str:
@@ -40,28 +54,43 @@ def _model_type(model) -> str:
     return str(mt or "")
 
 
-def adapter_for(model) -> "LlavaTrainAdapter":
-    """The training adapter for a model (or its config). Qwen2.5-VL: NotImplementedError (no
-    glimpse inference for it yet, so nothing to train for); any other family: ValueError."""
+def adapter_for(model) -> "_TrainAdapter":
+    """The training adapter for a model (or its config): LLaVA-1.5 (model_type ``llava``) or
+    Qwen2.5-VL (``qwen2_5_vl``). Other Qwen-VL families: NotImplementedError; anything else:
+    ValueError."""
     mt = _model_type(model)
     if mt == "llava":
         return LlavaTrainAdapter(model)
-    if mt.startswith(("qwen2_5_vl", "qwen2_vl", "qwen3_vl")):
+    if mt == "qwen2_5_vl":
+        return QwenTrainAdapter(model)
+    if mt.startswith(_OTHER_QWEN):
         raise NotImplementedError(
-            f"GlimpsePrune training for {mt} is not implemented yet: its glimpse inference does not exist "
-            "either (docs/glimpse.md, 'Qwen2.5-VL: not yet'). Only LLaVA-1.5 "
-            "(LlavaForConditionalGeneration) trains today")
-    raise ValueError(f"GlimpsePrune training supports LLaVA-1.5 (model_type 'llava', "
-                     f"LlavaForConditionalGeneration); got model_type {mt!r}")
+            f"GlimpsePrune training for {mt} is not implemented: of the Qwen-VL families only Qwen2.5-VL "
+            "(model_type 'qwen2_5_vl', Qwen2_5_VLForConditionalGeneration) has GlimpsePrune (docs/glimpse.md)")
+    raise ValueError(f"GlimpsePrune training supports LLaVA-1.5 (model_type 'llava', LlavaForConditionalGeneration) "
+                     f"and Qwen2.5-VL ('qwen2_5_vl', Qwen2_5_VLForConditionalGeneration); got model_type {mt!r}")
 
 
-def prompt_text(processor, question: str) -> str:
-    """The question as the model's chat prompt with one image, generation prefix included (the
-    glimpse goes right after it, where the answer starts)."""
+def prompt_text(processor, question: str, family: str = "llava") -> str:
+    r"""The question as the model's chat prompt with one image, generation prefix included (the
+    glimpse goes right after it, where the answer starts).
+
+    The processor's chat template. Without one, LLaVA-1.5's ``USER: <image>\n{q} ASSISTANT:``;
+    Qwen2.5-VL (a processor put together from a tokenizer and an image processor, as ``vtk``
+    builds one without torchvision): the tokenizer's chat template if it renders the image
+    placeholder, else ``user : <|vision_start|><|image_pad|><|vision_end|> {q} assistant :``
+    (what the small test models read)."""
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     if getattr(processor, "chat_template", None):
-        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(conv, add_generation_prompt=True)
-    return f"USER: <image>\n{question} ASSISTANT:"
+    if family != "qwen2_5_vl":
+        return f"USER: <image>\n{question} ASSISTANT:"
+    tok = getattr(processor, "tokenizer", None)
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        if isinstance(text, str) and QWEN_IMAGE in text:
+            return text
+    return f"user : {QWEN_IMAGE} {question} assistant :"
 
 
 # --------------------------------------------------------------------------- LLaVA-1.5 geometry
@@ -152,7 +181,7 @@ def llava_box_mask(image_processor, boxes: Sequence[Tuple[float, float, float, f
     return box_grid_mask(mapped, rows, cols)
 
 
-# --------------------------------------------------------------------------- LLaVA-1.5 adapter
+# --------------------------------------------------------------------------- shared by the families
 
 def _pad_id(tokenizer) -> int:
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
@@ -161,18 +190,182 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-class LlavaTrainAdapter:
+def _glimpse_layers(p, head, emb: Tensor, gidx: Tensor, layer_kw: dict, dropout: float,
+                    generator: Optional[torch.Generator], training: bool):
+    """Every decoder layer on ``emb`` with the glimpse at ``gidx`` (input g(0), g(l) added before
+    layer l >= 1, dropout on g per sample and layer). Returns (final hidden states, layer K's
+    q_proj and k_proj outputs)."""
+    device = emb.device
+    B, S, H = emb.shape
+    bidx = torch.arange(B, device=device)
+    L = len(p.layers)
+    g = head.glimpse_embeddings().unsqueeze(0).expand(B, L, H)
+    if training and dropout > 0:
+        # Per sample and layer, from the loop's own generator: a resumed run draws the same masks.
+        keep = torch.rand(g.shape, generator=generator, device=device) >= dropout
+        g = g * keep.to(g.dtype) / (1.0 - dropout)
+    g = g.to(emb.dtype)
+    h = emb.index_put((bidx, gidx), g[:, 0])
+    got = {}
+    attn = p.layers[head.reduce_layer].self_attn
+    hooks = [attn.q_proj.register_forward_hook(lambda _m, _a, out: got.__setitem__("q", out)),
+             attn.k_proj.register_forward_hook(lambda _m, _a, out: got.__setitem__("k", out))]
+    kw = {**layer_kw, p.cache_kw: None, "use_cache": False}
+    try:
+        for l, layer in enumerate(p.layers):
+            if l > 0:
+                h = h.index_put((bidx, gidx), h[bidx, gidx] + g[:, l])
+            h = _output(layer(h, **kw))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return h, got["q"], got["k"]
+
+
+def _glimpse_row(p, head, q: Tensor, k: Tensor, pe, gidx: Tensor, mask: Tensor) -> Tensor:
+    """Layer K's glimpse row [B, Hq, S] as inference computes it, differentiably: the glimpse's
+    query after the rotary against every rotated key (GQA: key head h // (Hq / Hkv)), times the
+    layer's scaling; LLaVA (``use_attention_logits`` false): its log-softmax over the keys up to
+    the glimpse (padding masked), exactly the keys inference attends to."""
+    attn = p.layers[head.reduce_layer].self_attn
+    B, S = mask.shape
+    device = mask.device
+    bidx = torch.arange(B, device=device)
+    D, Hq = attn.head_dim, p.num_heads
+    cos, sin = pe
+    q = q[bidx, gidx].view(B, Hq, D)
+    k = k.view(B, S, -1, D)
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # In float32 even under bf16 autocast, as ops.glimpse_logits computes it at inference.
+    with torch.autocast(device.type, enabled=False):
+        q = q * cos[bidx, gidx][:, None] + _rotate_half(q) * sin[bidx, gidx][:, None]
+        k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
+        k = k.to(dt).repeat_interleave(Hq // k.shape[2], dim=2)
+        row = torch.einsum("bhd,bshd->bhs", q.to(dt), k) * attn.scaling
+        if not head.use_attention_logits:
+            seen = (mask != 0) & (torch.arange(S, device=device)[None] <= gidx[:, None])
+            row = row.masked_fill(~seen[:, None], float("-inf")).log_softmax(-1)
+    return row
+
+
+def _answer_loss(p, h: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the answer tokens: position t predicts token t + 1; the LM head
+    runs on those rows alone (a large vocabulary over the whole prompt is wasted work)."""
+    target = labels.to(h.device)[:, 1:]
+    sel = target != -100
+    out = p.lm_head(p.lm.norm(h)[:, :-1][sel])
+    return F.cross_entropy(out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, target[sel])
+
+
+class _TrainAdapter:
+    """What the families share: the sequence (prompt, glimpse slot, answer + eos), the padding,
+    the parts cache and the training forward. A family adds ``_inspect`` (its parts), ``encode``,
+    ``_image_inputs`` (its image tensors of a batch), ``_vision``, ``_positions`` and ``_vip``."""
+
+    family = ""
+    image_token_id = -1
+
+    def __init__(self):
+        self._parts = None
+        self._parts_of = None
+
+    # -- data
+    def _sequence(self, processor, ids: Tensor, row: Row) -> dict:
+        """input_ids = prompt, slot, answer (+ eos), labels on the answer, glimpse_index."""
+        tok = processor.tokenizer
+        answer = list(tok(row.answer, add_special_tokens=False)["input_ids"])
+        if tok.eos_token_id is not None:
+            answer.append(int(tok.eos_token_id))  # the answer ends: the model learns to stop
+        if not answer:
+            raise ValueError(f"line {row.line}: the answer tokenizes to nothing")
+        T = ids.shape[0]
+        # The glimpse slot's id is never read (its embedding is g(0)); it only must not be an
+        # image placeholder.
+        slot = torch.tensor([_pad_id(tok)], dtype=ids.dtype)
+        if int(slot) == self.image_token_id:
+            raise ValueError("the tokenizer's pad (or eos) token is the image placeholder: no id for the glimpse slot")
+        input_ids = torch.cat([ids, slot, torch.tensor(answer, dtype=ids.dtype)])
+        labels = torch.full_like(input_ids, -100)
+        labels[T + 1:] = input_ids[T + 1:]
+        return {"input_ids": input_ids, "labels": labels, "glimpse_index": T}
+
+    def collate(self, items: Sequence[dict], processor) -> dict:
+        """Right padding: every row's positions count from 0, so the glimpse and the answer sit
+        where they would alone; padded keys are masked and padded labels are -100."""
+        pad = _pad_id(processor.tokenizer)
+        B, S = len(items), max(int(it["input_ids"].shape[0]) for it in items)
+        ids = torch.full((B, S), pad, dtype=torch.long)
+        labels = torch.full((B, S), -100, dtype=torch.long)
+        mask = torch.zeros((B, S), dtype=torch.long)
+        for b, it in enumerate(items):
+            n = it["input_ids"].shape[0]
+            ids[b, :n], labels[b, :n], mask[b, :n] = it["input_ids"], it["labels"], 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                "glimpse_index": torch.tensor([it["glimpse_index"] for it in items], dtype=torch.long),
+                **self._image_inputs(items), **self._box_masks(items), "lines": [it["line"] for it in items]}
+
+    def _box_masks(self, items: Sequence[dict]) -> dict:
+        return {"box_mask": torch.stack([it["box_mask"] for it in items])}
+
+    def prompt_batch(self, items: Sequence[dict], processor) -> dict:
+        """Prompts only, left-padded as generate wants them (what apply_glimpse prunes)."""
+        pad = _pad_id(processor.tokenizer)
+        lens = [int(it["glimpse_index"]) for it in items]
+        B, T = len(items), max(lens)
+        ids = torch.full((B, T), pad, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for b, (it, n) in enumerate(zip(items, lens)):
+            ids[b, T - n:], mask[b, T - n:] = it["input_ids"][:n], 1
+        return {"input_ids": ids, "attention_mask": mask, **self._image_inputs(items)}
+
+    # -- the training forward
+    def parts(self, model):
+        if self._parts_of is not model:
+            self._parts, self._parts_of = self._inspect(model), model
+        return self._parts
+
+    def forward(self, model, head, batch: dict, dropout: float = 0.1, generator: Optional[torch.Generator] = None,
+                training: bool = True) -> Tuple[Tensor, Tensor]:
+        """(VIP logits [B, N] float32, mean LM cross-entropy over the answer tokens).
+
+        ALGORITHMS.md step 7: no pruning; the glimpse (input g(0), g(l) added before layer l >= 1,
+        dropout on g) sits at ``glimpse_index``, where the first answer token would be, and
+        predicts that token; the answer follows one position later. The glimpse row of layer K
+        is its query (after the rotary) against that layer's keys; causality limits it to the
+        keys up to the glimpse, exactly the keys it sees at inference, so the VIP gets the same A
+        there and here."""
+        from transformers.masking_utils import create_causal_mask
+        p = self.parts(model)
+        ids = batch["input_ids"]
+        mask = batch["attention_mask"]
+        gidx = batch["glimpse_index"].to(ids.device)
+        is_img = ids == p.image_token_id
+        with torch.no_grad():  # frozen: the tower and the embeddings need no graph
+            feats, conds, grids = self._vision(p, head, batch, is_img)
+            emb = p.embed(ids)
+            emb = emb.masked_scatter(is_img[..., None], feats.to(emb.dtype))
+        pos, pe, mask_pos = self._positions(p, batch, emb)
+        causal = create_causal_mask(p.lm.config, emb, mask, None, mask_pos)
+        h, q, k = _glimpse_layers(p, head, emb, gidx, {"attention_mask": causal, "position_ids": pos,
+                                                       "position_embeddings": pe}, dropout, generator, training)
+        row = _glimpse_row(p, head, q, k, pe, gidx, mask)
+        logits = self._vip(head, row.transpose(1, 2)[is_img], conds, grids)
+        return logits, _answer_loss(p, h, batch["labels"])
+
+
+# --------------------------------------------------------------------------- LLaVA-1.5 adapter
+
+class LlavaTrainAdapter(_TrainAdapter):
     """LLaVA-1.5: one image per sample, the 24 x 24 (image_size / patch_size) patch grid."""
 
     family = "llava"
 
     def __init__(self, model):
+        super().__init__()
         cfg = getattr(model, "config", model)
         vc = cfg.vision_config
         self.grid = int(vc.image_size) // int(vc.patch_size)
         self.image_token_id = int(cfg.image_token_id)
-        self._parts = None
-        self._parts_of = None
 
     @property
     def tokens_per_image(self) -> int:
@@ -192,137 +385,194 @@ class LlavaTrainAdapter:
         if tuple(pv.shape[-2:]) != (oh, ow):
             raise ValueError(f"box geometry predicts a {ow}x{oh} picture but the processor made "
                              f"{pv.shape[-1]}x{pv.shape[-2]}: unsupported image processor settings")
-        tok = processor.tokenizer
-        answer = list(tok(row.answer, add_special_tokens=False)["input_ids"])
-        if tok.eos_token_id is not None:
-            answer.append(int(tok.eos_token_id))  # the answer ends: the model learns to stop
-        if not answer:
-            raise ValueError(f"line {row.line}: the answer tokenizes to nothing")
-        T = ids.shape[0]
-        # The glimpse slot's id is never read (its embedding is g(0)); it only must not be an
-        # image placeholder.
-        slot = torch.tensor([_pad_id(tok)], dtype=ids.dtype)
-        input_ids = torch.cat([ids, slot, torch.tensor(answer, dtype=ids.dtype)])
-        labels = torch.full_like(input_ids, -100)
-        labels[T + 1:] = input_ids[T + 1:]
         mask = llava_box_mask(ip, row.boxes, row.width, row.height, self.grid, self.grid)
-        return {"input_ids": input_ids, "labels": labels, "glimpse_index": T, "pixel_values": pv,
-                "box_mask": mask, "line": row.line}
+        return {**self._sequence(processor, ids, row), "pixel_values": pv, "box_mask": mask, "line": row.line}
 
-    def collate(self, items: Sequence[dict], processor) -> dict:
-        """Right padding: every row's positions count from 0, so the glimpse and the answer sit
-        where they would alone; padded keys are masked and padded labels are -100."""
-        pad = _pad_id(processor.tokenizer)
-        B, S = len(items), max(int(it["input_ids"].shape[0]) for it in items)
-        ids = torch.full((B, S), pad, dtype=torch.long)
-        labels = torch.full((B, S), -100, dtype=torch.long)
-        mask = torch.zeros((B, S), dtype=torch.long)
-        for b, it in enumerate(items):
-            n = it["input_ids"].shape[0]
-            ids[b, :n], labels[b, :n], mask[b, :n] = it["input_ids"], it["labels"], 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                "glimpse_index": torch.tensor([it["glimpse_index"] for it in items], dtype=torch.long),
-                "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-                "box_mask": torch.stack([it["box_mask"] for it in items]),
-                "lines": [it["line"] for it in items]}
-
-    def prompt_batch(self, items: Sequence[dict], processor) -> dict:
-        """Prompts only, left-padded as generate wants them (what apply_glimpse prunes)."""
-        pad = _pad_id(processor.tokenizer)
-        lens = [int(it["glimpse_index"]) for it in items]
-        B, T = len(items), max(lens)
-        ids = torch.full((B, T), pad, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for b, (it, n) in enumerate(zip(items, lens)):
-            ids[b, T - n:], mask[b, T - n:] = it["input_ids"][:n], 1
-        return {"input_ids": ids, "attention_mask": mask,
-                "pixel_values": torch.stack([it["pixel_values"] for it in items])}
+    def _image_inputs(self, items: Sequence[dict]) -> dict:
+        return {"pixel_values": torch.stack([it["pixel_values"] for it in items])}
 
     # -- the training forward
-    def parts(self, model):
-        if self._parts_of is not model:
-            self._parts, self._parts_of = _inspect(model), model
-        return self._parts
+    def _inspect(self, model):
+        return _inspect(model)
 
-    def forward(self, model, head, batch: dict, dropout: float = 0.1, generator: Optional[torch.Generator] = None,
-                training: bool = True) -> Tuple[Tensor, Tensor]:
-        """(VIP logits [B, N] float32, mean LM cross-entropy over the answer tokens).
-
-        ALGORITHMS.md step 7: no pruning; the glimpse (input g(0), g(l) added before layer l >= 1,
-        dropout on g) sits at ``glimpse_index``, where the first answer token would be, and
-        predicts that token; the answer follows one position later. The glimpse row of layer K
-        is its query (after RoPE) against that layer's keys; causality limits it to the keys up
-        to the glimpse, exactly the keys it sees at inference, so the VIP gets the same A there
-        and here."""
-        from transformers.masking_utils import create_causal_mask
-        p = self.parts(model)
-        K = head.reduce_layer
-        ids = batch["input_ids"]
-        device = ids.device
-        B, S = ids.shape
-        mask = batch["attention_mask"]
-        gidx = batch["glimpse_index"].to(device)
-        bidx = torch.arange(B, device=device)
+    def _vision(self, p, head, batch: dict, is_img: Tensor):
+        """Image tokens [B, N, H] and the conditions (CLIP hidden states, patches only)."""
+        device = is_img.device
+        B = is_img.shape[0]
         depth = len(p.tower_layers)
         tower_dtype = next(p.tower.parameters()).dtype
-        with torch.no_grad():  # frozen: the tower and the embeddings need no graph
-            hs = p.tower(batch["pixel_values"].to(device=device, dtype=tower_dtype),
-                         output_hidden_states=True).hidden_states
-            feats = p.projector(hs[p.feature_layer][:, 1:])
-            conds = [hs[i % (depth + 1)][:, 1:] for i in head.selected_visual_layers]
-            emb = p.embed(ids)
-            is_img = ids == p.image_token_id
-            n_img, N, H = feats.shape
-            if n_img != B or int(is_img.sum()) != B * N or N != self.tokens_per_image:
-                raise ValueError(f"each sample needs one image of {self.tokens_per_image} tokens: got {n_img} "
-                                 f"images of {N} for {B} rows holding {int(is_img.sum())} placeholders")
-            emb = emb.masked_scatter(is_img[..., None], feats.to(emb.dtype))
-        L = len(p.layers)
-        g = head.glimpse_embeddings().unsqueeze(0).expand(B, L, H)
-        if training and dropout > 0:
-            # Per sample and layer, from the loop's own generator: a resumed run draws the same masks.
-            keep = torch.rand(g.shape, generator=generator, device=device) >= dropout
-            g = g * keep.to(g.dtype) / (1.0 - dropout)
-        g = g.to(emb.dtype)
-        h = emb.index_put((bidx, gidx), g[:, 0])
-        pos = torch.arange(S, device=device).expand(B, S)
-        pe = p.lm.rotary_emb(h, pos)
-        causal = create_causal_mask(p.lm.config, h, mask, None, pos)
-        got = {}
-        attn = p.layers[K].self_attn
-        hooks = [attn.q_proj.register_forward_hook(lambda _m, _a, out: got.__setitem__("q", out)),
-                 attn.k_proj.register_forward_hook(lambda _m, _a, out: got.__setitem__("k", out))]
-        kw = {"attention_mask": causal, "position_ids": pos, "position_embeddings": pe, p.cache_kw: None,
-              "use_cache": False}
-        try:
-            for l, layer in enumerate(p.layers):
-                if l > 0:
-                    h = h.index_put((bidx, gidx), h[bidx, gidx] + g[:, l])
-                h = _output(layer(h, **kw))
-        finally:
-            for hk in hooks:
-                hk.remove()
-        # The glimpse row of layer K, as inference computes it (infer.py), differentiably.
-        D, Hq = attn.head_dim, p.num_heads
-        cos, sin = pe
-        q = got["q"][bidx, gidx].view(B, Hq, D)
-        k = got["k"].view(B, S, -1, D)
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        # In float32 even under bf16 autocast, as ops.glimpse_logits computes it at inference.
-        with torch.autocast(device.type, enabled=False):
-            q = q * cos[bidx, gidx][:, None] + _rotate_half(q) * sin[bidx, gidx][:, None]
-            k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
-            k = k.to(dt).repeat_interleave(Hq // k.shape[2], dim=2)
-            row = torch.einsum("bhd,bshd->bhs", q.to(dt), k) * attn.scaling
-            if not head.use_attention_logits:
-                seen = (mask != 0) & (torch.arange(S, device=device)[None] <= gidx[:, None])
-                row = row.masked_fill(~seen[:, None], float("-inf")).log_softmax(-1)
-        A = row.transpose(1, 2)[is_img].view(B, N, Hq)
-        logits = head.predict(A, conds, (self.grid, self.grid))
-        # LM loss: position t predicts token t + 1; only the answer's targets are scored, and the
-        # LM head runs on those rows alone (a 32K vocabulary over the whole prompt is wasted work).
-        target = batch["labels"].to(device)[:, 1:]
-        sel = target != -100
-        out = p.lm_head(p.lm.norm(h)[:, :-1][sel])
-        lm = F.cross_entropy(out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, target[sel])
-        return logits, lm
+        hs = p.tower(batch["pixel_values"].to(device=device, dtype=tower_dtype), output_hidden_states=True).hidden_states
+        feats = p.projector(hs[p.feature_layer][:, 1:])
+        conds = [hs[i % (depth + 1)][:, 1:] for i in head.selected_visual_layers]
+        n_img, N, _ = feats.shape
+        if n_img != B or int(is_img.sum()) != B * N or N != self.tokens_per_image:
+            raise ValueError(f"each sample needs one image of {self.tokens_per_image} tokens: got {n_img} "
+                             f"images of {N} for {B} rows holding {int(is_img.sum())} placeholders")
+        return feats, conds, None
+
+    def _positions(self, p, batch: dict, emb: Tensor):
+        B, S = emb.shape[:2]
+        pos = torch.arange(S, device=emb.device).expand(B, S)
+        return pos, p.lm.rotary_emb(emb, pos), pos
+
+    def _vip(self, head, A: Tensor, conds, grids) -> Tensor:
+        B = conds[0].shape[0]
+        return head.predict(A.view(B, self.tokens_per_image, -1), conds, (self.grid, self.grid))
+
+
+# --------------------------------------------------------------------------- Qwen2.5-VL geometry
+
+def _qwen_pixel_bounds(image_processor) -> Tuple[int, int]:
+    """(min_pixels, max_pixels) of a Qwen-VL image processor (``size`` shortest_edge /
+    longest_edge; older processors: min_pixels / max_pixels attributes)."""
+    size = getattr(image_processor, "size", None)
+    lo = _get(size, "shortest_edge") or _get(size, "min_pixels") or getattr(image_processor, "min_pixels", None)
+    hi = _get(size, "longest_edge") or _get(size, "max_pixels") or getattr(image_processor, "max_pixels", None)
+    if not lo or not hi:
+        raise ValueError(f"box geometry: the Qwen image processor's size {size!r} gives no pixel bounds "
+                         "(shortest_edge and longest_edge)")
+    return int(lo), int(hi)
+
+
+def qwen_resized_size(image_processor, width: int, height: int) -> Tuple[int, int]:
+    """(width, height) of the picture a Qwen2.5-VL image processor makes of a width x height image:
+    ``smart_resize`` (transformers' own function) to multiples of patch_size * merge_size within
+    its pixel bounds; no crop, no padding. Without ``do_resize`` the image as it is."""
+    if not _get_flag(image_processor, "do_resize", True):
+        return int(width), int(height)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+    lo, hi = _qwen_pixel_bounds(image_processor)
+    h, w = smart_resize(int(height), int(width), factor=factor, min_pixels=lo, max_pixels=hi)
+    return int(w), int(h)
+
+
+def qwen_box_mask(boxes: Sequence[Tuple[float, float, float, float]], width: int, height: int,
+                  rows: int, cols: int) -> Tensor:
+    """Pixel boxes of a width x height image -> bool [rows * cols] on the image's merged grid.
+
+    Qwen's processor only resizes (``qwen_resized_size``: new_w x new_h, each side scaled on its
+    own, so the aspect may change), which maps x to x * new_w / width and y to y * new_h / height;
+    normalised by the resized picture that is x / width and y / height, computed so (no rounding
+    through the scale). Then the grid rule of ALGORITHMS.md step 7 (``data.box_grid_mask``) on
+    the rows x cols merge units, which tile the resized picture exactly."""
+    return box_grid_mask([(x1 / width, y1 / height, x2 / width, y2 / height) for x1, y1, x2, y2 in boxes],
+                         rows, cols)
+
+
+# --------------------------------------------------------------------------- Qwen2.5-VL adapter
+
+class QwenTrainAdapter(_TrainAdapter):
+    """Qwen2.5-VL: one image per sample, of any size: its merged grid (rows, cols) =
+    (h / merge, w / merge) of ``image_grid_thw``; images of a batch may differ."""
+
+    family = "qwen2_5_vl"
+
+    def __init__(self, model):
+        super().__init__()
+        cfg = getattr(model, "config", model)
+        vc = cfg.vision_config
+        self.merge = int(vc.spatial_merge_size)
+        self.patch = int(vc.patch_size)
+        self.image_token_id = int(cfg.image_token_id)
+
+    def _check_processor(self, ip) -> None:
+        got = (int(getattr(ip, "patch_size", 0) or 0), int(getattr(ip, "merge_size", 0) or 0))
+        if got != (self.patch, self.merge):
+            raise ValueError(f"the image processor's patch_size / merge_size {got} differ from the model's "
+                             f"({self.patch}, {self.merge})")
+        if int(getattr(ip, "temporal_patch_size", 2) or 2) < 1:
+            raise ValueError("the image processor's temporal_patch_size must be >= 1")
+
+    # -- data
+    def encode(self, processor, image, row: Row) -> dict:
+        from .qwen import image_dims
+        ip = processor.image_processor
+        self._check_processor(ip)
+        text = prompt_text(processor, row.question, self.family)
+        if "<|image_pad|>" not in text:
+            raise ValueError(f"line {row.line}: the prompt {text!r} holds no image placeholder <|image_pad|> "
+                             "(the processor's chat template must render {'type': 'image'})")
+        enc = processor(images=image, text=text, return_tensors="pt")
+        ids = enc["input_ids"][0]
+        grid = enc["image_grid_thw"]
+        if grid.shape[0] != 1:
+            raise ValueError(f"line {row.line}: the processor made {grid.shape[0]} images of one")
+        (rows, cols), = image_dims(grid, self.merge)
+        n = int((ids == self.image_token_id).sum())
+        if n != rows * cols:
+            raise ValueError(f"line {row.line}: the prompt holds {n} image tokens, the image's {rows}x{cols} merged "
+                             f"grid needs {rows * cols} (does the question contain an image placeholder?)")
+        made = (int(grid[0, 2]) * self.patch, int(grid[0, 1]) * self.patch)
+        want = qwen_resized_size(ip, row.width, row.height)
+        if made != want:
+            raise ValueError(f"box geometry predicts a {want[0]}x{want[1]} picture but the processor made "
+                             f"{made[0]}x{made[1]}: unsupported image processor settings")
+        mask = qwen_box_mask(row.boxes, row.width, row.height, rows, cols)
+        return {**self._sequence(processor, ids, row), "pixel_values": enc["pixel_values"],
+                "image_grid_thw": grid[0], "box_mask": mask, "line": row.line}
+
+    def _image_inputs(self, items: Sequence[dict]) -> dict:
+        """Qwen packs the patches of all images along one axis; one grid row per image."""
+        return {"pixel_values": torch.cat([it["pixel_values"] for it in items]),
+                "image_grid_thw": torch.stack([it["image_grid_thw"] for it in items])}
+
+    def _box_masks(self, items: Sequence[dict]) -> dict:
+        """Masks of different lengths: padded with False to the longest, ``box_valid`` marks the
+        tokens (``train.vip_losses`` reads only those, so a sample's Dice is its own)."""
+        n = max(int(it["box_mask"].numel()) for it in items)
+        mask = torch.zeros(len(items), n, dtype=torch.bool)
+        valid = torch.zeros(len(items), n, dtype=torch.bool)
+        for b, it in enumerate(items):
+            mask[b, :it["box_mask"].numel()] = it["box_mask"]
+            valid[b, :it["box_mask"].numel()] = True
+        return {"box_mask": mask, "box_valid": valid}
+
+    # -- the training forward
+    def _inspect(self, model):
+        from .qwen import inspect_qwen
+        return inspect_qwen(model)
+
+    def _vision(self, p, head, batch: dict, is_img: Tensor):
+        """The merger's tokens [U, H] (all images, raster order each), the conditions (one [U, C]
+        per selected block) and each image's merged grid."""
+        from .qwen import image_dims, run_tower
+        grid = batch["image_grid_thw"].to(is_img.device)
+        dims = image_dims(grid, p.merge)
+        merged, conds = run_tower(p, batch["pixel_values"].to(is_img.device), grid, head.selected_visual_layers)
+        per_row = is_img.sum(1).tolist()
+        if per_row != [r * c for r, c in dims]:
+            raise ValueError(f"each sample needs one image: rows hold {per_row} image placeholders, the "
+                             f"{len(dims)} images' merged grids {dims} need {[r * c for r, c in dims]}")
+        return merged, conds, dims
+
+    def _positions(self, p, batch: dict, emb: Tensor):
+        """M-RoPE ids of the whole training sequence from the model's get_rope_index: the slot is
+        text, so the glimpse gets the prompt's last position + 1 in all three rows and the answer
+        counts on from there. The decoder layers take the cos/sin alone (position_ids None, as
+        the model passes them), the mask the attention mask alone."""
+        from .qwen import rope_positions
+        ids = batch["input_ids"]
+        pos3 = rope_positions(p, ids, batch["attention_mask"], batch["image_grid_thw"].to(ids.device))
+        return None, p.lm.rotary_emb(emb, pos3), None
+
+    def _vip(self, head, A: Tensor, conds, dims) -> Tensor:
+        """The VIP per image on its own grid, one call per distinct grid; logits [B, max N],
+        zero beyond an image's tokens."""
+        sizes = [r * c for r, c in dims]
+        starts = [0]
+        for s in sizes:
+            starts.append(starts[-1] + s)
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, d in enumerate(dims):
+            groups.setdefault(d, []).append(i)
+        out: List[Optional[Tensor]] = [None] * len(dims)
+        for d, members in groups.items():
+            take = lambda x: torch.stack([x[starts[i]:starts[i + 1]] for i in members])  # noqa: E731
+            logits = head.predict(take(A), [take(c) for c in conds], d)
+            for j, i in enumerate(members):
+                out[i] = logits[j]
+        n = max(sizes)
+        return torch.stack([F.pad(o, (0, n - o.shape[0])) for o in out])
+
+

@@ -58,14 +58,28 @@ _RESUME_KEYS = ("total_steps", "batch_size", "grad_accum", "seed", "samples", "d
                 "weight_decay", "max_grad_norm", "glimpse_dropout")
 
 
-def vip_losses(logits: torch.Tensor, mask: torch.Tensor):
+def vip_losses(logits: torch.Tensor, mask: torch.Tensor, valid: Optional[torch.Tensor] = None):
     """(Dice, BCE) of VIP logits [B, N] against box masks [B, N]: Dice = 1 - (2 sum(p m) + eps) /
     (sum p + sum m + eps) per sample with p = sigmoid(logits), eps 1e-6, averaged over samples;
-    BCE-with-logits averaged over tokens and samples."""
-    m = mask.to(logits.dtype)
-    p = torch.sigmoid(logits)
+    BCE-with-logits averaged over tokens and samples.
+
+    ``valid`` [B, N] (images of different sizes, padded to the longest): only those entries are
+    tokens; each sample's Dice and mean BCE are over its own tokens, then averaged over samples,
+    so a padded batch's losses are the mean of its samples' losses alone."""
+    if valid is None:
+        m = mask.to(logits.dtype)
+        p = torch.sigmoid(logits)
+        dice = 1 - (2 * (p * m).sum(1) + DICE_EPS) / (p.sum(1) + m.sum(1) + DICE_EPS)
+        return dice.mean(), F.binary_cross_entropy_with_logits(logits, m)
+    if valid.shape != logits.shape or mask.shape != logits.shape:
+        raise ValueError(f"logits {tuple(logits.shape)}, mask {tuple(mask.shape)} and valid {tuple(valid.shape)} "
+                         "must have one shape")
+    v = valid.to(logits.dtype)
+    m = mask.to(logits.dtype) * v
+    p = torch.sigmoid(logits) * v
     dice = 1 - (2 * (p * m).sum(1) + DICE_EPS) / (p.sum(1) + m.sum(1) + DICE_EPS)
-    return dice.mean(), F.binary_cross_entropy_with_logits(logits, m)
+    bce = (F.binary_cross_entropy_with_logits(logits, m, reduction="none") * v).sum(1) / v.sum(1)
+    return dice.mean(), bce.mean()
 
 
 @dataclass
@@ -263,7 +277,7 @@ def train(model, head: GlimpseHead, data, *, steps: Optional[int] = None, epochs
                 batch = _to(data.collate(items), device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits, lm = adapter.forward(model, head, batch, dropout=glimpse_dropout, generator=gen)
-                dice, bce = vip_losses(logits.float(), batch["box_mask"])
+                dice, bce = vip_losses(logits.float(), batch["box_mask"], batch.get("box_valid"))
                 loss = dice + BCE_WEIGHT * bce + lm
                 (loss / grad_accum).backward()
                 for k, v in (("lm", lm), ("dice", dice), ("bce", bce)):
