@@ -10,22 +10,25 @@ import sys
 import time
 
 DESCRIPTION = """\
-Train GlimpsePrune's glimpse and its visual importance predictor (VIP) on a frozen LLaVA-1.5
-from box annotations (ALGORITHMS.md "GlimpsePrune", step 7). --data is a .jsonl file of rows
-{"question", "answer", "image", "width", "height", "bboxs": [[x1, y1, x2, y2], ...]} (boxes in
-pixels, image relative to --images). Bad rows are reported with their line numbers and skipped.
-The head is written to --out in the published format (config.json, new_modules_gp.pt), with
-checkpoints in --out/checkpoint-<step>/; the evaluation (Dice and IoU of the kept tokens
-against the boxes, kept ratio) is printed at the end. Qwen2.5-VL: not yet (no glimpse inference
-for it either)."""
+Train GlimpsePrune's glimpse and its visual importance predictor (VIP) on a frozen LLaVA-1.5 or
+Qwen2.5-VL from box annotations (ALGORITHMS.md "GlimpsePrune", step 7). --data is a .jsonl file
+of rows {"question", "answer", "image", "width", "height", "bboxs": [[x1, y1, x2, y2], ...]}
+(boxes in pixels, image relative to --images). Bad rows are reported with their line numbers and
+skipped. The boxes go through the processor's geometry onto the model's token grid: LLaVA-1.5's
+pad / resize / centre crop onto its patch grid (24 x 24 at 336 px), Qwen2.5-VL's resize to
+multiples of 28 px onto each image's merged grid (h/2 x w/2 patches). The head is written to
+--out in the published format (config.json, new_modules_gp.pt), with checkpoints in
+--out/checkpoint-<step>/; the evaluation (Dice and IoU of the kept tokens against the boxes, kept
+ratio) is printed at the end."""
 
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
     """Adds ``glimpse-train`` to an argparse subparsers object."""
-    t = sub.add_parser("glimpse-train", help="train GlimpsePrune's head from box annotations (LLaVA-1.5)",
+    t = sub.add_parser("glimpse-train", help="train GlimpsePrune's head from box annotations (LLaVA-1.5, Qwen2.5-VL)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = t.add_argument
-    a("--model", required=True, help="local LLaVA-1.5 checkpoint directory (save_pretrained, processor included)")
+    a("--model", required=True,
+      help="local LLaVA-1.5 or Qwen2.5-VL checkpoint directory (save_pretrained, processor included)")
     a("--data", required=True, help="training rows, .jsonl (Visual-CoT style)")
     a("--images", required=True, help="folder the rows' image paths are relative to")
     a("--out", required=True, help="output folder: the trained head, checkpoint-<step>/ subfolders")
@@ -58,8 +61,9 @@ def _say(msg: str) -> None:
 
 def glimpse_train(args) -> int:
     import torch
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig
 
+    from ..cli import _load_local
     from .adapters import adapter_for
     from .data import BadDataError, GlimpseDataset
     from .head import GlimpseHead
@@ -69,15 +73,14 @@ def glimpse_train(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         cfg = AutoConfig.from_pretrained(args.model, local_files_only=True)
-        adapter_for(cfg)  # a Qwen or other model fails here, before anything loads
+        adapter_for(cfg)  # an unsupported model fails here, before anything loads
     except (OSError, ValueError, NotImplementedError) as e:
         raise SystemExit(f"vtk glimpse-train: {e}")
-    _say(f"loading {args.model} ...")
-    # The frozen model in bfloat16 on CUDA (the head trains in float32 under autocast), float32 on CPU.
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, local_files_only=True)
-    model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+    _say(f"loading {args.model} ({cfg.model_type}) ...")
+    # The frozen model in bfloat16 on CUDA (the head trains in float32 under autocast), float32 on
+    # CPU; its class from the config, the processor with AutoProcessor (Qwen without torchvision:
+    # its tokenizer and image processor), as `vtk demo --model` loads them.
+    model, processor = _load_local(args.model, device, None)
     try:
         data = GlimpseDataset.from_source(args.data, args.images, processor, model,
                                           max_bad_fraction=args.max_bad_fraction, max_samples=args.max_samples)
