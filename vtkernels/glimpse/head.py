@@ -361,6 +361,9 @@ class GlimpseHead(nn.Module):
         ) if a != b]
         if mine_v["depth"] is not None and v["depth"] is not None and mine_v["depth"] != v["depth"]:
             bad.append(f"vision layers {mine_v['depth']} (head) != {v['depth']} (model)")
+        if _family(self.config) != _family(cfg):
+            bad.insert(0, f"model family {_family(self.config)} (head, model_type "
+                          f"{self.config.get('model_type')!r}) != {_family(cfg)} (model, {cfg.get('model_type')!r})")
         if bad:
             raise ValueError("GlimpseHead was built for another model: " + "; ".join(bad))
         depth = v["depth"]
