@@ -452,3 +452,73 @@ def test_lower_precision_runs():
             out = m.generate(**inputs, max_new_tokens=3, do_sample=False)
             assert out.shape[1] <= inputs["input_ids"].shape[1] + 3
             assert all(n >= 1 for n in h.last_lengths)
+
+
+def test_prefill_flops(qwen):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vtkernels import flops
+    from vtkernels.glimpse import prefill_flops
+    model, proc = qwen
+    cfg = model.config
+    inputs = one_sample(proc, 0)
+    grids = inputs["image_grid_thw"]
+    n_image = int((inputs["input_ids"] == cfg.image_token_id).sum())
+    n_text = inputs["input_ids"].shape[1] - n_image
+    head = make_head(model)
+    f = prefill_flops(model, n_text, n_image, kept=7, head=head, grids=grids)
+    base = flops.qwen_prefill_flops(cfg, grids, n_image, n_text)
+    assert math.isclose(f.vision, base.vision) and math.isclose(f.projector, base.projector)  # whole tower
+    L = cfg.text_config.num_hidden_layers
+    every = prefill_flops(model, n_text, n_image, kept=n_image, reduce_layer=L - 1, grids=grids)
+    assert math.isclose(every.language_full + every.language_pruned,
+                        flops.qwen_prefill_flops(cfg, grids, n_image + 1, n_text).language)
+    assert f.language < every.language
+    # The VIP term against torch's FLOP counter, image by image (grids differ).
+    Hq, C = cfg.text_config.num_attention_heads, cfg.vision_config.hidden_size
+    counted = 0
+    for _, h, w in grids.tolist():
+        r, c = h // 2, w // 2
+        A = torch.zeros(1, r * c, Hq, dtype=torch.float64)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            head.predict(A, [torch.zeros(1, r * c, C, dtype=torch.float64)] * 4, (r, c))
+        counted += fc.get_total_flops()
+    assert f.vip == counted
+    with pytest.raises(ValueError, match="grids"):
+        prefill_flops(model, n_text, n_image, kept=7)
+
+
+def test_published_layout_with_a_flat_config_loads_and_prunes(qwen, tmp_path):
+    # Published Qwen2.5-VL checkpoints come from transformers 4.51, whose config.json holds the
+    # language model's fields at the top level (no text_config).
+    import json
+    model, proc = qwen
+    head = split_head(model, proc, seed=4, sample=2)
+    cfg = model.config.to_dict()
+    text = cfg.pop("text_config")
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+              "vocab_size"):
+        cfg[k] = text[k]
+    cfg["model_type"] = "qwen2_5_vl"
+    cfg.update({k: head.config[k] for k in ("reduce_layer", "selected_layers", "selected_visual_layers",
+                                            "attn_fuse_size", "visual_cond_size", "attn_fuse_num_heads",
+                                            "reduce_threshold", "min_remain_num", "max_remain_ratio",
+                                            "use_attention_logits", "le_length", "le_layers")})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    state = {k: ({n: t.float() for n, t in v.items()} if isinstance(v, dict) else v.float())
+             for k, v in head.published_state().items()}
+    torch.save(state, tmp_path / "new_modules_gp.pt")
+    loaded = GlimpseHead.from_pretrained(tmp_path, model=model)
+    assert next(loaded.parameters()).dtype == torch.float64  # cast to the model's dtype
+    inputs = one_sample(proc, 2)
+    with torch.no_grad():
+        with apply_glimpse(model, head) as h:
+            model(**inputs)
+            want = [k[0].tolist() for k in h.last_kept]
+        with apply_glimpse(model, str(tmp_path)) as h:
+            model(**inputs)
+            assert [k[0].tolist() for k in h.last_kept] == want
+    del state["attn_fuser"]["layers.2.attn.q_proj.weight"]
+    torch.save(state, tmp_path / "new_modules_gp.pt")
+    with pytest.raises(ValueError, match="layers.2.attn.q_proj.weight"):
+        GlimpseHead.from_pretrained(tmp_path, model=model)
