@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .. import reference
+from ..hf.handle import ModelWrapper, bind_call
 from .head import GlimpseHead, check_options
 
 __all__ = ["GlimpseHandle", "apply_glimpse", "keep_mask"]
@@ -155,17 +156,6 @@ class _DecodeState:
     kept_len: int  # M: the pruned prefix in the cache
     mask: Tensor  # [B, M] attention mask of the pruned prefix
     next_pos: Tensor  # [B] last original position + 1
-
-
-def _bind(sig: inspect.Signature, args, kwargs) -> dict:
-    """The call's arguments by name, **kwargs merged in, defaults left out."""
-    bound = sig.bind_partial(*args, **kwargs).arguments
-    for name, p in sig.parameters.items():
-        if p.kind is p.VAR_KEYWORD:
-            bound.update(bound.pop(name, {}) or {})
-        elif p.kind is p.VAR_POSITIONAL and bound.pop(name, ()):
-            raise TypeError(f"unexpected positional arguments for {name}")
-    return bound
 
 
 def _output_class():
@@ -381,7 +371,7 @@ def _family_of(model):
                      f"Qwen2_5_VLForConditionalGeneration, got {type(model).__name__}")
 
 
-class GlimpseHandle:
+class GlimpseHandle(ModelWrapper):
     """What ``apply_glimpse`` returns: ``remove()`` puts the model back; also a context manager.
 
     After each pruned call: ``last_kept[i][0]`` = kept token positions of image i (raster in its
@@ -394,7 +384,7 @@ class GlimpseHandle:
 
     def __init__(self, model, family, head: GlimpseHead, threshold: float, min_keep: int,
                  max_ratio: Optional[float]):
-        self.model = model
+        self._remember(model)
         self.head = head
         self.threshold = threshold
         self.min_keep = min_keep
@@ -404,8 +394,6 @@ class GlimpseHandle:
         self._keep: Optional[Tensor] = None  # [U] flat over the call's images
         self._sizes: List[int] = []  # tokens per image
         self._kept: Optional[List[List[Tensor]]] = None
-        self._saved = {name: model.__dict__.get(name, _MISSING) for name in ("forward", "generate")}
-        self._active = False
 
     @property
     def _parts(self):
@@ -654,7 +642,7 @@ class GlimpseHandle:
 
         @functools.wraps(orig_forward)
         def forward(*args, **kwargs):
-            bound = _bind(fsig, args, kwargs)
+            bound = bind_call(fsig, args, kwargs)
             if bound.get("pixel_values") is not None:
                 return self._pruned_forward(bound)
             cache = bound.get("cache")
@@ -684,31 +672,10 @@ class GlimpseHandle:
         model.generate = generate
         self._active = True
 
-    def remove(self) -> None:
-        """Gives the model back exactly as it was (idempotent)."""
-        if not self._active:
-            return
-        for name, saved in self._saved.items():
-            if saved is _MISSING:
-                self.model.__dict__.pop(name, None)
-            else:
-                setattr(self.model, name, saved)
-        if getattr(self.model, "_vtk_pruning", None) is self:
-            del self.model._vtk_pruning
-        self._active = False
-
-    def __enter__(self) -> "GlimpseHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"GlimpseHandle(glimpse, K={self.head.reduce_layer}, {opts}, active={self._active})"
 
-
-_MISSING = object()
 
 
 def apply_glimpse(model, head, threshold: Optional[float] = None, min_keep: Optional[int] = None,
