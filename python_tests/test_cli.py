@@ -198,7 +198,8 @@ def test_demo_embedded_qwen(family, tmp_path, capsys):
     assert cli.main(["demo", "--family", family, "--out", str(png), "--repeats", "1", "--max-new-tokens", "2"]) == 0
     out, err = capsys.readouterr()
     rows = rows_of(out)
-    assert set(rows) == {"unpruned", *METHODS}
+    glimpse = family == "qwen2_5_vl"  # GlimpsePrune: LLaVA-1.5 and Qwen2.5-VL
+    assert set(rows) == {"unpruned", *METHODS} | ({"glimpse (untrained head)"} if glimpse else set())
     n = int(rows["unpruned"][1].split("/")[1])
     assert rows["unpruned"][1] == f"{n}/{n}" and 64 < n <= 256  # merge units of the bundled picture
     keep = min(64, n // 4)
@@ -208,9 +209,14 @@ def test_demo_embedded_qwen(family, tmp_path, capsys):
         assert len(r) == 7 and float(r[2]) > 0 and "FLOPs" in r[4] and r[6]
     # The tower runs in full either way: pruning saves language-model work only.
     assert all(float(rows[m][5].rstrip("%")) > 0 for m in METHODS)
-    assert "merge units" in out and "[6/6]" in err
-    # GlimpsePrune runs on LLaVA-1.5 only: the row is skipped, and the output says why.
-    assert re.search(r"glimpse: skipped \(.*LlavaForConditionalGeneration.*\)", " ".join(out.split()))
+    if glimpse:
+        g = rows["glimpse (untrained head)"]
+        assert 1 <= int(g[1].split("/")[0]) <= n and g[1].endswith(f"/{n}") and "FLOPs" in g[4]
+        assert "[7/7]" in err and "UNTRAINED" in out
+    else:  # the row is skipped, and the output says why
+        assert "[6/6]" in err
+        assert re.search(r"glimpse: skipped \(.*Qwen2_5_VLForConditionalGeneration.*\)", " ".join(out.split()))
+    assert "merge units" in out
     im = Image.open(png)
     assert im.size[0] > 3 * 240 and im.size[1] > 2 * 240
 
@@ -237,9 +243,9 @@ def test_demo_local_qwen_checkpoint(tmp_path, capsys):
 
 def test_demo_glimpse_head_on_a_model_it_does_not_run_on(tmp_path):
     """A head asked for explicitly on a model GlimpsePrune does not run on: an error, not a skip."""
-    model, _ = cli.tiny_qwen("qwen2_5_vl", vision_hidden=64, vision_depth=4, text_hidden=512, text_layers=4)
+    model, _ = cli.tiny_qwen("qwen3_vl", vision_hidden=64, vision_depth=4, text_hidden=512, text_layers=4)
     head_dir = tmp_path / "qwen-head"
-    GlimpseHead.for_model(model).save_pretrained(head_dir)
-    with pytest.raises(SystemExit, match="--glimpse-head .*LlavaForConditionalGeneration"):
-        cli.main(["demo", "--family", "qwen2_5_vl", "--glimpse-head", str(head_dir),
+    GlimpseHead.for_model(model, selected_visual_layers=[3, 2, 1, 0]).save_pretrained(head_dir)
+    with pytest.raises(SystemExit, match="--glimpse-head .*Qwen2_5_VLForConditionalGeneration"):
+        cli.main(["demo", "--family", "qwen3_vl", "--glimpse-head", str(head_dir),
                   "--out", str(tmp_path / "x.png")])

@@ -7,7 +7,7 @@ random weights, a word-level tokenizer and a CLIP image processor, and uses the 
 Random weights mean the generated words are noise and the kept patches follow an untrained
 encoder's attention; timings, token counts, FLOPs and the mechanics are the real thing.
 ``--model DIR --image FILE --prompt TEXT`` runs a local checkpoint with its own processor.
-GlimpsePrune (LLaVA-1.5 only) runs with an untrained head, seeded, and says so (its kept set is
+GlimpsePrune (LLaVA-1.5, Qwen2.5-VL) runs with an untrained head, seeded, and says so (its kept set is
 arbitrary), or with a trained one from ``--glimpse-head DIR``; other models skip it and say why.
 """
 from __future__ import annotations
@@ -539,8 +539,9 @@ def _demo(args) -> int:
                 r["times"].append(_time_prefill(model, inputs, device))
 
     def flops_of(r):
-        if r["method"] == GLIMPSE:  # LLaVA-1.5 only: layers 0..K in full, the VIP, the glimpse
-            return glimpse_flops(model, n_text, n_img, r["visual"], head=r["opts"]["head"]).total
+        if r["method"] == GLIMPSE:  # layers 0..K in full, the VIP, the glimpse
+            grids = inputs["image_grid_thw"] if qwen else None
+            return glimpse_flops(model, n_text, n_img, r["visual"], head=r["opts"]["head"], grids=grids).total
         if qwen:
             if cfg.model_type not in QWEN_FLOPS:
                 return None  # Qwen3.5's linear-attention layers are not counted
@@ -652,7 +653,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="visual tokens per image for fopru/vispruner, merge units on Qwen "
                         "(default: min(64, tokens/4))")
     d.add_argument("--methods", nargs="+", choices=METHOD_ORDER + (GLIMPSE,), default=None,
-                   help="methods to run (default: all; glimpse runs on LLaVA-1.5 only, others skip it)")
+                   help="methods to run (default: all; glimpse runs on LLaVA-1.5 and Qwen2.5-VL, others skip it)")
     d.add_argument("--glimpse-head", metavar="DIR", default=None,
                    help="a trained GlimpsePrune head (published format: config.json + new_modules_gp.pt) "
                         "for the glimpse row (default: an untrained head, labelled as such)")
