@@ -116,7 +116,8 @@ def test_prefill(benchmark, record, device, real_sizes, e2e_model, method, keep,
         else:
             layers = vision_layers_run(cfg, None if method == "unpruned" else method)
             flops = sum(prefill_flops(cfg, v, TEXT_BEFORE + TEXT_AFTER, vision_layers=layers).total for v in visual)
-        record(run, device, model=label, method=method, keep=keep if opts else None, B=e2e_batch,
+        record(run, device, model=label, method=method, keep=keep if "keep" in opts else None, B=e2e_batch,
                visual_tokens=visual, text_tokens=TEXT_BEFORE + TEXT_AFTER, prefill_flops=flops,
+               min_keep=opts.get("min_keep"),
                dtype=str(model.dtype))
         benchmark(run)

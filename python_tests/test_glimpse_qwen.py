@@ -20,7 +20,8 @@ import vtkernels.hf as vhf
 from vtkernels.cli import tiny_llava, tiny_qwen
 from vtkernels.glimpse import GlimpseHead, apply_glimpse
 from test_glimpse import ref_keep, ref_rms, ref_vip, rotate_pairs
-from test_hf_qwen import picture, tower_layout
+from pictures import picture
+from test_hf_qwen import tower_layout
 
 TOL = dict(atol=1e-10, rtol=1e-9)
 K = 1  # layers 0, 1 on the full sequence; 2, 3 on the kept tokens
@@ -522,3 +523,20 @@ def test_published_layout_with_a_flat_config_loads_and_prunes(qwen, tmp_path):
     torch.save(state, tmp_path / "new_modules_gp.pt")
     with pytest.raises(ValueError, match="layers.2.attn.q_proj.weight"):
         GlimpseHead.from_pretrained(tmp_path, model=model)
+
+
+def test_generate_options_beams_and_returned_sequences(qwen):
+    model, proc = qwen
+    head = split_head(model, proc, seed=2, sample=0)
+    texts, groups = ragged_batch()
+    batch = encode(proc, texts[:2], [im for g in groups[:2] for im in g])
+    T = batch["input_ids"].shape[1]
+    with torch.no_grad(), apply_glimpse(model, head):
+        d = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                           output_scores=True, output_logits=True)
+        plain = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        beams = model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False)
+        many = model.generate(**batch, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    assert torch.equal(d.sequences, plain) and len(d.scores) == 3 and len(d.logits) == 3
+    assert torch.equal(beams[:, :T], batch["input_ids"]) and beams.shape[1] <= T + 3
+    assert many.shape[0] == 4 and torch.equal(many[::2, :T], batch["input_ids"])
