@@ -153,8 +153,8 @@ def _missing(head_dir):
 
 @pytest.mark.parametrize("spoil, message", [
     (None, "built for another model"),  # a valid head, for the small checkpoint, not the embedded model
-    (_corrupt, "new_modules_gp.pt is not a readable torch.save checkpoint"),
-    (_bad_json, "config.json is not valid JSON"),
+    (_corrupt, "new_modules_gp.pt is not a readable torch.save file"),
+    (_bad_json, "config.json is not readable JSON"),
     (_missing, "lacks new_modules_gp.pt"),
 ])
 def test_demo_bad_glimpse_head(tmp_path, capsys, spoil, message):

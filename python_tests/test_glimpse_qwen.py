@@ -540,3 +540,15 @@ def test_generate_options_beams_and_returned_sequences(qwen):
     assert torch.equal(d.sequences, plain) and len(d.scores) == 3 and len(d.logits) == 3
     assert torch.equal(beams[:, :T], batch["input_ids"]) and beams.shape[1] <= T + 3
     assert many.shape[0] == 4 and torch.equal(many[::2, :T], batch["input_ids"])
+
+
+def test_broken_checkpoint_files_are_clear_errors(qwen, tmp_path):
+    model, _ = qwen
+    make_head(model).save_pretrained(tmp_path)
+    good = (tmp_path / "new_modules_gp.pt").read_bytes()
+    (tmp_path / "new_modules_gp.pt").write_bytes(good[:100])
+    with pytest.raises(ValueError, match="new_modules_gp.pt is not a readable"):
+        GlimpseHead.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not readable JSON"):
+        GlimpseHead.from_pretrained(tmp_path)

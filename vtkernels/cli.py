@@ -306,22 +306,13 @@ def _glimpse_setup(vhf, model, head_dir: Optional[str], threshold: Optional[floa
     Without ``head_dir``: an untrained head (GlimpseHead.for_model, seeded), labelled as such.
     With it: that checkpoint (published format), checked against the model; any problem with it,
     or a model GlimpsePrune does not run on, is a SystemExit naming the directory."""
-    import json
-    import pickle
     from .glimpse import GlimpseHead
-    from .glimpse.head import CHECKPOINT_FILE, CONFIG_FILE
     if head_dir is not None:
         try:
             head = GlimpseHead.from_pretrained(head_dir, model=model)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"vtk demo: --glimpse-head {head_dir}: {CONFIG_FILE} is not valid JSON ({e})") from None
-        except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
-            # torch.load's message on a non-checkpoint file is about weights_only, not the file.
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise SystemExit(f"vtk demo: --glimpse-head {head_dir}: {CHECKPOINT_FILE} is not a readable torch.save "
-                             f"checkpoint of tensors ({type(e).__name__}: {first})") from None
         except (ValueError, OSError) as e:
-            # ValueError: a missing file, a bad config, a head for another model, keys that do not fit.
+            # ValueError: a missing or unreadable file, a bad config, a head for another model,
+            # keys that do not fit (from_pretrained names the file and the problem).
             raise SystemExit(f"vtk demo: --glimpse-head {head_dir}: {e}") from None
         name = Path(head_dir).resolve().name or str(head_dir)
         short = name if len(name) <= 20 else name[:17] + "..."
