@@ -20,8 +20,7 @@ import vtkernels.hf as vhf
 from vtkernels.cli import tiny_llava, tiny_qwen
 from vtkernels.glimpse import GlimpseHead, apply_glimpse
 from test_glimpse import ref_keep, ref_rms, ref_vip, rotate_pairs
-from pictures import picture
-from test_hf_qwen import tower_layout
+from test_hf_qwen import ragged_batch, tower_layout
 
 TOL = dict(atol=1e-10, rtol=1e-9)
 K = 1  # layers 0, 1 on the full sequence; 2, 3 on the kept tokens
@@ -44,16 +43,6 @@ def make_head(model, seed=0, **fields):
             if name.endswith("norm.weight") or ".norm" in name:
                 p.add_(torch.rand_like(p) * 0.5)
     return head.eval()
-
-
-def ragged_batch():
-    """Prompts of different lengths (left padding); the first holds two images; four grid sizes,
-    one of them 2 x 2 merge units."""
-    texts = [f"user : {IMG} {IMG} which one shows a tree ? assistant :",
-             f"user : {IMG} what ? assistant :",
-             f"user : {IMG} how many windows are there in the house ? assistant :"]
-    images = [picture(3, 100, 150), picture(4, 56, 56), picture(5, 130, 90), picture(6, 90, 120)]
-    return texts, [images[:2], images[2:3], images[3:]]
 
 
 def encode(proc, texts, images):

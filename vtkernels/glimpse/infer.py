@@ -53,6 +53,7 @@ from .. import ops
 from .. import reference
 from ..hf.handle import ModelWrapper, bind_call
 from .head import GlimpseHead, check_options
+from .qwen import check_decoder
 
 __all__ = ["GlimpseHandle", "apply_glimpse", "keep_mask"]
 
@@ -133,15 +134,7 @@ def _inspect(model) -> _Parts:
         raise ValueError(f"GlimpsePrune needs a single int vision_feature_layer, got {f!r}")
     lm = inner.language_model
     layers = lm.layers
-    for name in ("rotary_emb", "norm"):
-        if not hasattr(lm, name):
-            raise ValueError(f"language model {type(lm).__name__} has no {name}: not a Llama-style decoder")
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "q_proj") or not hasattr(attn, "scaling"):
-            raise ValueError(f"decoder layer {i} is not Llama-style (self_attn.q_proj, scaling)")
-    params = inspect.signature(layers[0].forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
+    cache_kw = check_decoder(lm)
     vc = cfg.vision_config
     return _Parts(lm=lm, layers=layers, cache_kw=cache_kw, embed=model.get_input_embeddings(), tower=tower,
                   tower_layers=tlayers, projector=inner.multi_modal_projector, lm_head=model.lm_head,
