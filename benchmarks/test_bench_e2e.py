@@ -5,7 +5,10 @@ One prefill = ``model(**inputs, logits_to_keep=1)`` as generate runs it: vision 
 
 Real sizes (--benchmark) on CUDA: a LLaVA-1.5-7B-shaped model (CLIP ViT-L/14-336, 7B Llama;
 vtkernels.flops.llava_1_5_7b_config) with random weights in bf16; batch 1 and 8; FoPru (rank,
-row) and VisPruner at 64, 128 and 192 kept tokens, PruMerge and PruMerge+ (adaptive count). On
+row) and VisPruner at 64, 128 and 192 kept tokens, PruMerge and PruMerge+ (adaptive count),
+GlimpsePrune at 10% kept (an untrained head whose logits all fall below the threshold, so
+min_keep = N / 10 decides: the VIP, the glimpse row and the cache gather all run; K = 21 of 32 on
+the 7B shape, 2/3 of the depth on the small model). On
 the CPU the same cases run on the small model (576 patches, narrow layers). Smoke mode (plain
 ``pytest benchmarks/``): the small model at 64 patches, batch 2, one run per case, the compaction
 checked. Each record carries the prefill FLOPs from vtkernels.flops.
@@ -23,7 +26,8 @@ from bench_util import sync
 TEXT_BEFORE, TEXT_AFTER = 8, 32  # text tokens around the image: a short LLaVA-style prompt
 KEEPS = (64, 128, 192)  # of 576; scaled to the patch count of the smoke model
 CASES = [("unpruned", 0)] + [(m, k) for m in ("fopru_rank", "fopru_row", "vispruner") for k in KEEPS] \
-    + [("prumerge", 0), ("prumerge_plus", 0)]
+    + [("prumerge", 0), ("prumerge_plus", 0), ("glimpse", 0)]
+GLIMPSE_KEPT = 0.1  # of the image tokens
 
 
 def pytest_generate_tests(metafunc):
@@ -51,6 +55,17 @@ def e2e_model(real_sizes, device):
     return model.to(device).eval(), f"small ({(size // 14) ** 2} patches) float32"
 
 
+def glimpse_head(model):
+    """An untrained GlimpseHead for ``model`` (published K and conditions) whose logits all fall
+    below the threshold: min_keep sets the kept count, while every part of the method runs."""
+    from vtkernels.glimpse import GlimpseHead
+    torch.manual_seed(0)
+    head = GlimpseHead.for_model(model)
+    with torch.no_grad():
+        head.attn_fuser.attn_out_projs["3"].bias.fill_(-1e4)
+    return head.eval()
+
+
 def make_inputs(model, batch: int, device):
     cfg = model.config
     N = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
@@ -73,7 +88,9 @@ def test_prefill(benchmark, record, device, real_sizes, e2e_model, method, keep,
     model, label = e2e_model
     inputs, N = make_inputs(model, e2e_batch, device)
     keep = max(1, keep * N // 576)
-    opts = {} if method in ("unpruned", "prumerge", "prumerge_plus") else {"keep": keep}
+    opts = {} if method in ("unpruned", "prumerge", "prumerge_plus", "glimpse") else {"keep": keep}
+    if method == "glimpse":
+        opts = {"head": glimpse_head(model), "min_keep": max(1, round(GLIMPSE_KEPT * N))}
     ctx = contextlib.nullcontext() if method == "unpruned" else vhf.pruning(model, method, **opts)
     with ctx as handle, torch.inference_mode():
         out = model(**inputs, logits_to_keep=1)
@@ -82,6 +99,8 @@ def test_prefill(benchmark, record, device, real_sizes, e2e_model, method, keep,
         assert out.logits.shape[:2] == (e2e_batch, 1) and torch.isfinite(out.logits).all()
         if method in ("fopru_rank", "fopru_row", "vispruner"):
             assert visual == [keep] * e2e_batch
+        if method == "glimpse":
+            assert visual == [opts["min_keep"]] * e2e_batch
         if not real_sizes and handle:  # smoke: the compacted sequence is what the counts say
             full = model(**inputs)
             assert full.logits.shape[1] == L - N + max(visual)
@@ -91,9 +110,14 @@ def test_prefill(benchmark, record, device, real_sizes, e2e_model, method, keep,
             sync(device)
 
         cfg = model.config
-        layers = vision_layers_run(cfg, None if method == "unpruned" else method)
-        flops = sum(prefill_flops(cfg, v, TEXT_BEFORE + TEXT_AFTER, vision_layers=layers).total for v in visual)
-        record(run, device, model=label, method=method, keep=keep if opts else None, B=e2e_batch,
+        if method == "glimpse":
+            from vtkernels.glimpse import prefill_flops as glimpse_flops
+            flops = sum(glimpse_flops(cfg, TEXT_BEFORE + TEXT_AFTER, N, v, head=opts["head"]).total for v in visual)
+        else:
+            layers = vision_layers_run(cfg, None if method == "unpruned" else method)
+            flops = sum(prefill_flops(cfg, v, TEXT_BEFORE + TEXT_AFTER, vision_layers=layers).total for v in visual)
+        record(run, device, model=label, method=method, keep=keep if "keep" in opts else None, B=e2e_batch,
                visual_tokens=visual, text_tokens=TEXT_BEFORE + TEXT_AFTER, prefill_flops=flops,
+               min_keep=opts.get("min_keep"),
                dtype=str(model.dtype))
         benchmark(run)

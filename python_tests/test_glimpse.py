@@ -11,7 +11,6 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -19,19 +18,10 @@ from torch.testing import assert_close
 from vtkernels.cli import tiny_llava
 from vtkernels.glimpse import GlimpseHead, apply_glimpse, keep_mask, prefill_flops
 from vtkernels.glimpse import head as ghead
+from pictures import picture
 
 TOL = dict(atol=1e-10, rtol=1e-9)  # float64 end to end
 K = 1  # reduce layer of the test heads: layers 0, 1 full; 2, 3 on the kept tokens
-
-
-def picture(seed, h, w):
-    """Blocky random picture: regions of colour give the encoder something to attend to."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(rng.integers(3, 7), rng.integers(3, 7), 3)).astype(np.uint8)
-    im = Image.fromarray(blocks).resize((w, h), Image.NEAREST)
-    arr = np.asarray(im).astype(np.int16) + rng.integers(-20, 20, size=(h, w, 1))
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ run alone. Runs on the latest transformers and on 5.17 (`make test-hf-old`).
 """
 import copy
 
-import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -16,22 +15,13 @@ import vtkernels.hf as vhf
 from vtkernels import ops
 from vtkernels import reference as ref
 from vtkernels.cli import tiny_llava
+from pictures import picture
 
 METHODS = ["fopru_rank", "fopru_row", "vispruner", "prumerge", "prumerge_plus"]
 FIXED = ["fopru_rank", "fopru_row", "vispruner"]
 OPTS = {"fopru_rank": {"keep": 12}, "fopru_row": {"keep": 12}, "vispruner": {"keep": 12},
         "prumerge": {"knn": 6}, "prumerge_plus": {"knn": 6}}
 TOL = dict(atol=1e-10, rtol=1e-9)  # float64 end to end
-
-
-def picture(seed, h, w):
-    """Blocky random picture: regions of colour give the encoder something to attend to."""
-    rng = np.random.default_rng(seed)
-    from PIL import Image
-    blocks = rng.integers(0, 256, size=(rng.integers(3, 7), rng.integers(3, 7), 3)).astype(np.uint8)
-    im = Image.fromarray(blocks).resize((w, h), Image.NEAREST)
-    arr = np.asarray(im).astype(np.int16) + rng.integers(-20, 20, size=(h, w, 1))
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

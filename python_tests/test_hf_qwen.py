@@ -10,7 +10,6 @@ grids, and runs the language model on that. Runs on the latest transformers and 
 """
 import copy
 
-import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -19,6 +18,7 @@ import vtkernels.hf as vhf
 from vtkernels import ops
 from vtkernels import reference as ref
 from vtkernels.cli import tiny_qwen
+from pictures import picture
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 METHODS = ["fopru_rank", "fopru_row", "vispruner", "prumerge", "prumerge_plus"]
@@ -40,16 +40,6 @@ def model_of(family):
         model, proc = tiny_qwen(family, seed=SEEDS[family])
         _MODELS[family] = (model.double(), proc)
     return _MODELS[family]
-
-
-def picture(seed, h, w):
-    """Blocky random picture: regions of colour give the encoder something to attend to."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(rng.integers(3, 7), rng.integers(3, 7), 3)).astype(np.uint8)
-    im = Image.fromarray(blocks).resize((w, h), Image.NEAREST)
-    arr = np.asarray(im).astype(np.int16) + rng.integers(-20, 20, size=(h, w, 1))
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
 def ragged_batch():

@@ -24,24 +24,34 @@ def _same_device(**tensors) -> None:
         raise ValueError(f"tensors must be on one device: {desc}")
 
 
+def _check_qk_pair(q, k, dims: int, layout: str, num_heads: int, scale) -> None:
+    """What every scoring op checks of q and k: float tensors of the same device, shape and dtype,
+    ``dims``-D (``layout`` names the dims for messages), the heads dividing the channels, a
+    finite scale. (The devices are checked by the caller, with the op's other tensors.)"""
+    _float_tensor("q", q)
+    _float_tensor("k", k)
+    if q.dim() != dims:
+        raise ValueError(f"q must be {layout}, got shape {tuple(q.shape)}")
+    if k.dim() != dims:
+        raise ValueError(f"k must be {layout}, got shape {tuple(k.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
+    C = q.shape[-1]
+    if num_heads < 1 or C % num_heads != 0:
+        raise ValueError(f"num_heads={num_heads} must be >= 1 and divide the channel count C={C}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
 def check_qk(q, k, num_heads: int, scale, has_cls: bool = True) -> tuple[int, int, int, int]:
     """Checks q/k for the scoring ops; returns (B, T, C, N)."""
     _float_tensor("q", q)
     _float_tensor("k", k)
     _same_device(q=q, k=k)
-    if q.dim() != 3:
-        raise ValueError(f"q must be [B, T, C], got shape {tuple(q.shape)}")
-    if k.dim() != 3:
-        raise ValueError(f"k must be [B, T, C], got shape {tuple(k.shape)}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if q.dtype != k.dtype:
-        raise ValueError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
+    _check_qk_pair(q, k, 3, "[B, T, C]", num_heads, scale)
     B, T, C = q.shape
-    if num_heads < 1 or C % num_heads != 0:
-        raise ValueError(f"num_heads={num_heads} must be >= 1 and divide the channel count C={C}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
     N = T - 1 if has_cls else T
     if N < 1:
         raise ValueError(f"q/k need at least one patch token, got T={T} (has_cls={has_cls})")
@@ -164,23 +174,12 @@ def check_varlen(q, k, cu_seqlens, num_heads: int, scale) -> tuple[int, int, int
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
     _same_device(q=q, k=k, cu_seqlens=cu_seqlens)
-    if q.dim() != 2:
-        raise ValueError(f"q must be [S, C], got shape {tuple(q.shape)}")
-    if k.dim() != 2:
-        raise ValueError(f"k must be [S, C], got shape {tuple(k.shape)}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if q.dtype != k.dtype:
-        raise ValueError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
+    _check_qk_pair(q, k, 2, "[S, C]", num_heads, scale)
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens must be [n + 1] (1-D, at least one entry), got shape {tuple(cu_seqlens.shape)}")
     S, C = q.shape
-    if num_heads < 1 or C % num_heads != 0:
-        raise ValueError(f"num_heads={num_heads} must be >= 1 and divide the channel count C={C}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
     return S, C, cu_seqlens.numel() - 1
 
 

@@ -7,6 +7,8 @@ random weights, a word-level tokenizer and a CLIP image processor, and uses the 
 Random weights mean the generated words are noise and the kept patches follow an untrained
 encoder's attention; timings, token counts, FLOPs and the mechanics are the real thing.
 ``--model DIR --image FILE --prompt TEXT`` runs a local checkpoint with its own processor.
+GlimpsePrune (LLaVA-1.5, Qwen2.5-VL) runs with an untrained head, seeded, and says so (its kept set is
+arbitrary), or with a trained one from ``--glimpse-head DIR``; other models skip it and say why.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import contextlib
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -29,6 +32,8 @@ DEMO_WORDS = tuple(("<pad> <unk> <s> </s> <image> user assistant : ? . , ! a an 
                "white brown black small big left right top bottom one two three shows see i").split())
 
 METHOD_ORDER = ("fopru_rank", "fopru_row", "vispruner", "prumerge", "prumerge_plus")
+GLIMPSE = "glimpse"  # the learned method, after the training-free ones
+GLIMPSE_SEED = 0  # the untrained head's initialisation: the demo is deterministic
 
 
 def progress(msg: str) -> None:
@@ -294,6 +299,57 @@ def _maybe_pruning(vhf, model, method, opts):
     return vhf.pruning(model, method, **opts) if method else contextlib.nullcontext()
 
 
+def _glimpse_setup(vhf, model, head_dir: Optional[str], threshold: Optional[float]):
+    """The glimpse row: (options for apply_pruning, table label, panel label, note), or
+    (None, reason) when the model cannot run GlimpsePrune and no head was asked for.
+
+    Without ``head_dir``: an untrained head (GlimpseHead.for_model, seeded), labelled as such.
+    With it: that checkpoint (published format), checked against the model; any problem with it,
+    or a model GlimpsePrune does not run on, is a SystemExit naming the directory."""
+    from .glimpse import GlimpseHead
+    if head_dir is not None:
+        try:
+            head = GlimpseHead.from_pretrained(head_dir, model=model)
+        except (ValueError, OSError) as e:
+            # ValueError: a missing or unreadable file, a bad config, a head for another model,
+            # keys that do not fit (from_pretrained names the file and the problem).
+            raise SystemExit(f"vtk demo: --glimpse-head {head_dir}: {e}") from None
+        name = Path(head_dir).resolve().name or str(head_dir)
+        short = name if len(name) <= 20 else name[:17] + "..."
+        label, panel = f"glimpse (head: {name})", f"glimpse (head: {short})"
+        what = f"the GlimpseHead checkpoint {head_dir}"
+    else:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(GLIMPSE_SEED)
+                head = GlimpseHead.for_model(model)
+        except ValueError as e:
+            return None, str(e)
+        label, panel = "glimpse (untrained head)", "glimpse (untrained head)"
+        what = (f"an UNTRAINED head (GlimpseHead.for_model, seed {GLIMPSE_SEED}): its kept set is arbitrary "
+                "(an untrained VIP keeps nearly all tokens or almost none); --glimpse-head DIR loads a "
+                "trained one")
+    opts = {"head": head}
+    if threshold is not None:
+        opts["threshold"] = threshold
+    try:  # the model and the options, checked once before anything runs
+        vhf.apply_pruning(model, GLIMPSE, **opts).remove()
+    except ValueError as e:
+        if head_dir is not None:
+            raise SystemExit(f"vtk demo: --glimpse-head {head_dir}: {e}") from None
+        return None, str(e)
+    from .glimpse.flops import language_saving_bound
+    L = model.config.text_config.num_hidden_layers
+    K = head.reduce_layer
+    thr = head.reduce_threshold if threshold is None else threshold
+    note = (f"{label}: {what}; keeps tokens with sigmoid > {thr:g} (--glimpse-threshold). It prunes "
+            f"inside the LLM after layer K = {K} of {L}: layers 0..{K} run in full, so at most "
+            f"{100 * language_saving_bound(L, K):.0f}% of the LLM's layers get the shorter sequence, and "
+            "its VIP head adds its own FLOPs (vtkernels.glimpse.prefill_flops); the saving it is after "
+            "is in decoding.")
+    return opts, label, panel, note
+
+
 def _base_image(processor, pixel_values: torch.Tensor):
     """The picture the vision tower saw (the base crop), as a PIL image."""
     from PIL import Image
@@ -372,7 +428,16 @@ def _demo(args) -> int:
     from PIL import Image
     from . import hf as vhf
     from .flops import prefill_flops, vision_layers_run
+    from .glimpse.flops import prefill_flops as glimpse_flops
     t_start = time.perf_counter()
+    want_glimpse = args.methods is None or GLIMPSE in args.methods
+    glimpse_head = args.glimpse_head
+    glimpse_threshold = args.glimpse_threshold
+    if not want_glimpse and (glimpse_head is not None or glimpse_threshold is not None):
+        raise SystemExit("vtk demo: --glimpse-head / --glimpse-threshold need the glimpse method: "
+                         "add glimpse to --methods")
+    if glimpse_threshold is not None and not 0.0 < glimpse_threshold < 1.0:
+        raise SystemExit(f"vtk demo: --glimpse-threshold must be in (0, 1), got {glimpse_threshold:g}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {None: None, "float32": torch.float32, "float64": torch.float64,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -428,22 +493,34 @@ def _demo(args) -> int:
     n_img = int((inputs["input_ids"] == cfg.image_token_id).sum())
     n_text = L - n_img
     methods = [m for m in METHOD_ORDER if args.methods is None or m in args.methods]
-    runs = [("unpruned", None, {})] + [
-        (m, m, {} if m.startswith("prumerge") else {"keep": keep}) for m in methods]
+    # (table label, method, options, panel label)
+    runs = [("unpruned", None, {}, None)] + [
+        (m, m, {} if m.startswith("prumerge") else {"keep": keep}, m) for m in methods]
+    notes = []
+    if want_glimpse:
+        setup = _glimpse_setup(vhf, model, glimpse_head, glimpse_threshold)
+        if setup[0] is None:
+            notes.append(f"glimpse: skipped ({setup[1]})")
+            progress(notes[-1])
+        else:
+            g_opts, g_label, g_panel, g_note = setup
+            runs.append((g_label, GLIMPSE, g_opts, g_panel))
+            notes.append(g_note)
     panels = [_panel(base_img, grid, None, f"input ({N} {unit})")]
     results = []
-    for i, (name, method, opts) in enumerate(runs, 1):
+    for i, (name, method, opts, panel) in enumerate(runs, 1):
         progress(f"[{i}/{len(runs)}] {name}: generate {args.max_new_tokens} tokens ...")
         with _maybe_pruning(vhf, model, method, opts) as handle, torch.inference_mode():
             model(**inputs, logits_to_keep=1)  # warm-up, and the selection to report
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
             visual = handle.last_lengths[0] if handle else n_img
             kept = handle.last_kept[0][0].cpu() if handle else None
-            # Unpruned, Hugging Face projects every crop's tokens (padding included).
-            projected = handle.last_projected[0] if handle else crops * N
+            # Unpruned, Hugging Face projects every crop's tokens (padding included); GlimpsePrune
+            # projects every image token (it prunes inside the LLM).
+            projected = handle.last_projected[0] if handle and method != GLIMPSE else crops * N
         new = out[0, L:]
         text = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
-        results.append(dict(name=name, method=method, opts=opts, visual=visual, kept=kept,
+        results.append(dict(name=name, method=method, opts=opts, panel=panel, visual=visual, kept=kept,
                             projected=projected, text=text or " ".join(map(str, new.tolist())), times=[]))
     # Timed rounds interleave the methods, so drift (clocks, caches) does not favour any of them.
     progress(f"timing the prefill: {args.repeats} rounds over {len(runs)} configurations ...")
@@ -453,6 +530,9 @@ def _demo(args) -> int:
                 r["times"].append(_time_prefill(model, inputs, device))
 
     def flops_of(r):
+        if r["method"] == GLIMPSE:  # layers 0..K in full, the VIP, the glimpse
+            grids = inputs["image_grid_thw"] if qwen else None
+            return glimpse_flops(model, n_text, n_img, r["visual"], head=r["opts"]["head"], grids=grids).total
         if qwen:
             if cfg.model_type not in QWEN_FLOPS:
                 return None  # Qwen3.5's linear-attention layers are not counted
@@ -474,9 +554,9 @@ def _demo(args) -> int:
         if r["kept"] is not None:
             n = r["visual"]
             if r["method"].startswith("prumerge"):
-                title = f"{r['name']}: {n} tokens ({r['kept'].numel()} merged + summary)"
+                title = f"{r['panel']}: {n} tokens ({r['kept'].numel()} merged + summary)"
             else:
-                title = f"{r['name']}: {n} token{'s' if n != 1 else ''}"
+                title = f"{r['panel']}: {n} token{'s' if n != 1 else ''}"
             panels.append(_panel(base_img, grid, r["kept"], title))
     header = ["method", "visual tokens", "prefill ms", "speed-up", "prefill FLOPs", "fewer", "generated"]
     print(f"\n{where} on {device}, prompt {n_text} text tokens + {n_img} image tokens"
@@ -484,6 +564,9 @@ def _demo(args) -> int:
     print(_table(rows, header))
     print("\nprefill = one forward (vision tower, pruning, language model), median of "
           f"{args.repeats}; FLOPs from vtkernels.flops (matmuls: tower, projector, LM).")
+    for note in notes:
+        print(textwrap.fill(note, width=100, subsequent_indent="  ", break_long_words=False,
+                            break_on_hyphens=False))
     out_path = Path(args.out)
     _sheet(panels).save(out_path)
     print(f"kept {unit}: {out_path} (dimmed = pruned; PruMerge: the merge centres)")
@@ -560,7 +643,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", type=int, default=None,
                    help="visual tokens per image for fopru/vispruner, merge units on Qwen "
                         "(default: min(64, tokens/4))")
-    d.add_argument("--methods", nargs="+", choices=METHOD_ORDER, default=None)
+    d.add_argument("--methods", nargs="+", choices=METHOD_ORDER + (GLIMPSE,), default=None,
+                   help="methods to run (default: all; glimpse runs on LLaVA-1.5 and Qwen2.5-VL, others skip it)")
+    d.add_argument("--glimpse-head", metavar="DIR", default=None,
+                   help="a trained GlimpsePrune head (published format: config.json + new_modules_gp.pt) "
+                        "for the glimpse row (default: an untrained head, labelled as such)")
+    d.add_argument("--glimpse-threshold", type=float, default=None,
+                   help="GlimpsePrune's keep threshold on sigmoid(logit), in (0, 1) (default: the head's, 0.5)")
     d.add_argument("--max-new-tokens", type=int, default=12)
     d.add_argument("--repeats", type=int, default=7, help="timed prefills per method")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

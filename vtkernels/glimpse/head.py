@@ -361,6 +361,9 @@ class GlimpseHead(nn.Module):
         ) if a != b]
         if mine_v["depth"] is not None and v["depth"] is not None and mine_v["depth"] != v["depth"]:
             bad.append(f"vision layers {mine_v['depth']} (head) != {v['depth']} (model)")
+        if _family(self.config) != _family(cfg):
+            bad.insert(0, f"model family {_family(self.config)} (head, model_type "
+                          f"{self.config.get('model_type')!r}) != {_family(cfg)} (model, {cfg.get('model_type')!r})")
         if bad:
             raise ValueError("GlimpseHead was built for another model: " + "; ".join(bad))
         depth = v["depth"]
@@ -441,10 +444,20 @@ class GlimpseHead(nn.Module):
         for p in paths:
             if not os.path.isfile(p):
                 raise ValueError(f"GlimpseHead checkpoint {directory!r} lacks {os.path.basename(p)}")
-        with open(paths[0]) as f:
-            config = json.load(f)
+        try:
+            with open(paths[0]) as f:
+                config = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"GlimpseHead checkpoint {directory!r}: {CONFIG_FILE} is not readable JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"GlimpseHead checkpoint {directory!r}: {CONFIG_FILE} must hold a JSON object, "
+                             f"got {type(config).__name__}")
         head = cls(config)
-        state = torch.load(paths[1], map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(paths[1], map_location="cpu", weights_only=True)
+        except Exception as e:  # torch.load raises several types for a truncated or foreign file
+            raise ValueError(f"GlimpseHead checkpoint {directory!r}: {CHECKPOINT_FILE} is not a readable "
+                             f"torch.save file of tensors ({type(e).__name__}: {e})") from e
         if model is not None:
             head.check_model(model)
             p = next(model.parameters())

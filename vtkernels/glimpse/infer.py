@@ -1,4 +1,5 @@
-"""GlimpsePrune inference inside the language model, for LLaVA-1.5 (ALGORITHMS.md "GlimpsePrune").
+"""GlimpsePrune inference inside the language model, for LLaVA-1.5 and Qwen2.5-VL (ALGORITHMS.md
+"GlimpsePrune").
 
     from vtkernels.glimpse import GlimpseHead, apply_glimpse
     handle = apply_glimpse(model, "path/to/checkpoint")   # or a GlimpseHead
@@ -8,26 +9,34 @@
 ``apply_glimpse`` puts two instance attributes on the model, ``forward`` and ``generate``; the
 class and the weights stay as they were. A call with ``pixel_values`` runs the pruned prefill:
 
-1. the vision tower runs once, with forward hooks that keep the outputs of the feature layer and of
-   the condition layers and stop after the deepest of them; the projector makes the image tokens;
-2. the glimpse token (input g(0)) is appended after the whole prompt at position last + 1, and
+1. the vision tower runs once, with forward hooks that keep the outputs of the condition layers
+   (LLaVA: CLIP hidden states, patches only; the tower stops after the deepest layer read.
+   Qwen2.5-VL: the outputs of vision blocks 31, 23, 15, 7, averaged per merge unit and mapped from
+   the window order to raster order, ``qwen.run_tower``); the projector (merger) makes the image
+   tokens;
+2. the glimpse token (input g(0)) is appended after the whole prompt at position last + 1 (Qwen:
+   all three M-RoPE rows; the M-RoPE ids come from the model's ``get_rope_index``), and
    layers 0..K run on the full sequence with the model's own decoder layers, attention kernel and
    cache, g(l) added to the glimpse's hidden state before layer l >= 1;
 3. the glimpse's query row of layer K (its q_proj output, captured by a hook, rotated here with
    the layer's cos/sin) against layer K's cached keys gives one [Hq, T + 1] row per sample
-   (``vtkernels.ops.glimpse_logits``; LLaVA: log-softmax over the attended keys); its image
-   columns and the conditions go through the VIP; the keep rule decides on the device;
+   (``vtkernels.ops.glimpse_logits``; LLaVA: log-softmax over the attended keys; Qwen: the raw
+   logits); its image columns and the conditions go through the VIP, per image on its token grid
+   (Qwen: images of one grid size together); the keep rule decides on the device;
 4. the glimpse and the pruned image tokens leave: the hidden states and the keys and values of
    layers 0..K are gathered to the kept tokens with ONE ``vtkernels.ops.gather_cache`` call
    (index [B, M], -1 = left padding), the only host wait being the one that reads M;
-5. layers K+1.. run on the shortened sequence with the original position ids.
+5. layers K+1.. run on the shortened sequence with the original position ids (Qwen: each kept
+   token its (t, row, col) ids).
 
 ``forward`` returns logits over the kept sequence (left-padded in a padded batch) and the pruned
 cache. ``generate`` is the model's own: its prefill is the call above, and the cache it gets back
 carries what the decoding steps need (the pruned prefix's attention mask and the position after
 the last original one). The forward wrapper then rewrites each decoding step's inputs: the
 attention mask generate keeps (over the caller's prompt) gets the pruned prefix's mask in place of
-the prompt's columns, and new tokens take positions last original position + 1, + 2, ... So
+the prompt's columns, and new tokens take positions last original position + 1, + 2, ... (Qwen:
+in all three rows; the model's ``rope_deltas`` are set to agree, for callers that decode by hand).
+So
 ``generate`` keeps all its options, and returns the caller's ``input_ids`` then the new tokens.
 """
 from __future__ import annotations
@@ -42,7 +51,9 @@ from torch import Tensor, nn
 
 from .. import ops
 from .. import reference
+from ..hf.handle import ModelWrapper, bind_call
 from .head import GlimpseHead, check_options
+from .qwen import check_decoder
 
 __all__ = ["GlimpseHandle", "apply_glimpse", "keep_mask"]
 
@@ -123,15 +134,7 @@ def _inspect(model) -> _Parts:
         raise ValueError(f"GlimpsePrune needs a single int vision_feature_layer, got {f!r}")
     lm = inner.language_model
     layers = lm.layers
-    for name in ("rotary_emb", "norm"):
-        if not hasattr(lm, name):
-            raise ValueError(f"language model {type(lm).__name__} has no {name}: not a Llama-style decoder")
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "q_proj") or not hasattr(attn, "scaling"):
-            raise ValueError(f"decoder layer {i} is not Llama-style (self_attn.q_proj, scaling)")
-    params = inspect.signature(layers[0].forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
+    cache_kw = check_decoder(lm)
     vc = cfg.vision_config
     return _Parts(lm=lm, layers=layers, cache_kw=cache_kw, embed=model.get_input_embeddings(), tower=tower,
                   tower_layers=tlayers, projector=inner.multi_modal_projector, lm_head=model.lm_head,
@@ -148,66 +151,49 @@ class _DecodeState:
     next_pos: Tensor  # [B] last original position + 1
 
 
-def _bind(sig: inspect.Signature, args, kwargs) -> dict:
-    """The call's arguments by name, **kwargs merged in, defaults left out."""
-    bound = sig.bind_partial(*args, **kwargs).arguments
-    for name, p in sig.parameters.items():
-        if p.kind is p.VAR_KEYWORD:
-            bound.update(bound.pop(name, {}) or {})
-        elif p.kind is p.VAR_POSITIONAL and bound.pop(name, ()):
-            raise TypeError(f"unexpected positional arguments for {name}")
-    return bound
-
-
 def _output_class():
     from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
     fields = LlavaCausalLMOutputWithPast.__dataclass_fields__
     return LlavaCausalLMOutputWithPast, ("cache" if "cache" in fields else "past_key_values")
 
 
-class GlimpseHandle:
-    """What ``apply_glimpse`` returns: ``remove()`` puts the model back; also a context manager.
+# --------------------------------------------------------------------------- model families
+#
+# What differs between LLaVA-1.5 and Qwen2.5-VL in the glimpse prefill: the arguments a call
+# carries for its images, the vision side (features, conditions, grids), the position ids (one row,
+# or M-RoPE's three), and the output class. Everything else (the layers, the glimpse row, the
+# VIP, the keep rule, the gather, decoding) is GlimpseHandle's and shared.
 
-    After each pruned call: ``last_kept[i][0]`` = kept patch positions of image i (raster,
-    ascending, int64; images in the order they fill the placeholders), ``last_lengths[i]`` = how
-    many. Both are read from the device only when asked for.
-    """
+class _Llava:
+    """LLaVA-1.5: one square grid per image, CLIP hidden states as conditions, 1D positions."""
 
-    method = "glimpse"
+    family = "llava"
+    rows = 1  # position rows
 
-    def __init__(self, model, parts: _Parts, head: GlimpseHead, threshold: float, min_keep: int,
-                 max_ratio: Optional[float]):
-        self.model = model
-        self.head = head
-        self.threshold = threshold
-        self.min_keep = min_keep
-        self.max_ratio = max_ratio
-        self.options = {"threshold": threshold, "min_keep": min_keep, "max_ratio": max_ratio}
-        self._parts = parts
-        self._keep: Optional[Tensor] = None
-        self._kept: Optional[List[List[Tensor]]] = None
-        self._saved = {name: model.__dict__.get(name, _MISSING) for name in ("forward", "generate")}
-        self._active = False
+    def __init__(self, model):
+        p = _inspect(model)
+        self.model, self.parts = model, p
+        self.lm, self.layers, self.cache_kw, self.embed = p.lm, p.layers, p.cache_kw, p.embed
+        self.lm_head, self.image_token_id, self.num_heads = p.lm_head, p.image_token_id, p.num_heads
 
-    @property
-    def last_kept(self) -> List[List[Tensor]]:
-        if self._kept is None:
-            if self._keep is None:
-                return []
-            keep = self._keep.cpu()
-            self._kept = [[row.nonzero().squeeze(1)] for row in keep]
-        return self._kept
+    def take_images(self, bound: dict) -> dict:
+        """Pops the call's image arguments (checked); what ``vision`` and ``positions`` read."""
+        cfg = self.model.config
+        vfl = bound.pop("vision_feature_layer", None)
+        vfs = bound.pop("vision_feature_select_strategy", None)
+        if vfl is not None and vfl != cfg.vision_feature_layer:
+            raise ValueError(f"GlimpsePrune uses the config's vision_feature_layer={cfg.vision_feature_layer}, "
+                             f"got {vfl!r}")
+        if vfs is not None and vfs != "default":
+            raise ValueError(f"GlimpsePrune needs vision_feature_select_strategy='default', got {vfs!r}")
+        bound.pop("image_sizes", None)  # LLaVA-1.5: every image is one square crop
+        return {"pixel_values": bound.pop("pixel_values")}
 
-    @property
-    def last_lengths(self) -> List[int]:
-        return [int(k[0].numel()) for k in self.last_kept]
-
-    # ------------------------------------------------------------------ vision side
-    def _vision(self, pixel_values: Tensor):
-        """Projected image tokens [n, N, H] and the VIP conditions (patches only, deepest first)."""
-        p = self._parts
+    def vision(self, head: GlimpseHead, images: dict):
+        """(image tokens [U, H], conditions [U, C] per VIP block, (rows, cols) per image)."""
+        p = self.parts
         depth = len(p.tower_layers)
-        conds = [i % (depth + 1) for i in self.head.selected_visual_layers]
+        conds = [i % (depth + 1) for i in head.selected_visual_layers]
         want = sorted({p.feature_layer, *conds})
         got = {}
         last = want[-1]
@@ -232,7 +218,7 @@ class GlimpseHandle:
                 handles.append(p.tower_layers[idx - 1].register_forward_hook(keep_output(idx)))
         try:
             try:
-                p.tower(pixel_values)
+                p.tower(images["pixel_values"])
             except _StopVision:
                 pass
         finally:
@@ -241,25 +227,230 @@ class GlimpseHandle:
         if any(i not in got for i in want):
             raise RuntimeError("the vision tower did not run the layers GlimpsePrune reads")
         feats = p.projector(got[p.feature_layer][:, 1:])
-        return feats, [got[i][:, 1:] for i in conds]
+        n, N, H = feats.shape
+        return (feats.reshape(n * N, H), [got[i][:, 1:].reshape(n * N, -1) for i in conds],
+                [(p.grid, p.grid)] * n)
+
+    def positions(self, input_ids: Tensor, mask: Tensor, position_ids: Optional[Tensor], images: dict) -> Tensor:
+        B, T = input_ids.shape
+        if position_ids is None:
+            # As generate builds them: attended tokens count up from 0, padding gets 0. Without
+            # padding this is Hugging Face's arange; with it, a row equals its sample alone.
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        else:
+            pos = position_ids.to(input_ids.device).long()
+            if pos.dim() != 2 or pos.shape[-1] != T:
+                raise ValueError(f"position_ids must be [B, T], got {tuple(pos.shape)}")
+            pos = pos.expand(B, T)
+        return pos[None]
+
+    def rotary(self, h: Tensor, pos: Tensor):
+        return self.lm.rotary_emb(h, pos[0])
+
+    def layer_positions(self, pos: Tensor) -> Optional[Tensor]:
+        return pos[0]
+
+    def output(self, loss, logits, cache):
+        cls, field = _output_class()
+        return cls(loss=loss, logits=logits, **{field: cache})
+
+    def after_prefill(self, next_pos: Tensor, kept: Tensor) -> None:
+        pass
+
+    def decode_positions(self, bound: dict, st: _DecodeState, extra: int, q: int) -> None:
+        if bound.get("position_ids") is None:
+            bound["position_ids"] = (st.next_pos[:, None] + extra
+                                     + torch.arange(q, device=st.next_pos.device)[None, :])
+
+
+class _Qwen:
+    """Qwen2.5-VL: one merged grid (h/2 x w/2) per image, sizes differ; vision-block outputs pooled
+    per merge unit as conditions; M-RoPE ids [3, B, T]."""
+
+    family = "qwen2_5_vl"
+    rows = 3
+
+    def __init__(self, model):
+        from . import qwen
+        self._qwen = qwen
+        p = qwen.inspect_qwen(model)
+        self.model, self.parts = model, p
+        self.lm, self.layers, self.cache_kw, self.embed = p.lm, p.layers, p.cache_kw, p.embed
+        self.lm_head, self.image_token_id, self.num_heads = p.lm_head, p.image_token_id, p.num_heads
+
+    def take_images(self, bound: dict) -> dict:
+        for name in ("pixel_values_videos", "video_grid_thw"):
+            if bound.pop(name, None) is not None:
+                raise ValueError(f"{name}: videos are not supported under GlimpsePrune (images only)")
+        bound.pop("second_per_grid_ts", None)  # videos only
+        bound.pop("rope_deltas", None)  # recomputed from the call
+        bound.pop("cache_position", None)  # the prefill starts an empty cache
+        grid = bound.pop("image_grid_thw", None)
+        if grid is None:
+            raise ValueError("Qwen2.5-VL images need image_grid_thw (the processor returns it)")
+        return {"pixel_values": bound.pop("pixel_values"), "image_grid_thw": grid,
+                "mm_token_type_ids": bound.pop("mm_token_type_ids", None)}
+
+    def vision(self, head: GlimpseHead, images: dict):
+        p = self.parts
+        grid = images["image_grid_thw"]
+        dims = self._qwen.image_dims(grid, p.merge)
+        feats, conds = self._qwen.run_tower(p, images["pixel_values"], grid, head.selected_visual_layers)
+        if feats.shape[0] != sum(r * c for r, c in dims):
+            raise RuntimeError(f"the merger returned {feats.shape[0]} tokens for {sum(r * c for r, c in dims)} "
+                               "merge units")
+        return feats, conds, dims
+
+    def positions(self, input_ids: Tensor, mask: Tensor, position_ids: Optional[Tensor], images: dict) -> Tensor:
+        B, T = input_ids.shape
+        if position_ids is not None:
+            pos = position_ids.to(input_ids.device).long()
+            if pos.dim() == 3 and pos.shape[0] == 4:  # generate's [text row, t, h, w]
+                pos = pos[1:]
+            if pos.dim() != 3 or pos.shape[0] != 3 or pos.shape[-1] != T:
+                raise ValueError(f"position_ids must be M-RoPE ids [3, B, T] (or [4, B, T]), got {tuple(pos.shape)}")
+            return pos.expand(3, B, T)
+        # get_rope_index reads the placeholders on the host anyway; checked first for a clear error.
+        grid = images["image_grid_thw"]
+        need = int((grid[:, 1] * grid[:, 2]).sum()) // (self.parts.merge ** 2)
+        have = int((input_ids == self.image_token_id).sum())
+        if have != need:
+            raise ValueError(f"input_ids hold {have} image tokens but the {grid.shape[0]} images need {need} "
+                             "(one <|image_pad|> per merge unit)")
+        return self._qwen.rope_positions(self.parts, input_ids, mask, images["image_grid_thw"].to(input_ids.device),
+                                         images["mm_token_type_ids"])
+
+    def rotary(self, h: Tensor, pos: Tensor):
+        return self.lm.rotary_emb(h, pos)
+
+    def layer_positions(self, pos: Tensor) -> Optional[Tensor]:
+        # The decoder layers read position_ids only for packed flash attention; the mask is given.
+        return None
+
+    def output(self, loss, logits, cache):
+        import sys
+        mod = sys.modules[type(self.model).__module__]
+        cls = getattr(mod, "Qwen2_5_VLCausalLMOutputWithPast", None) or getattr(mod, "MultimodalCausalLMOutputWithPast")
+        fields = cls.__dataclass_fields__
+        kw = {("cache" if "cache" in fields else "past_key_values"): cache}
+        if "rope_deltas" in fields:
+            kw["rope_deltas"] = self.parts.inner.rope_deltas
+        return cls(loss=loss, logits=logits, **kw)
+
+    def after_prefill(self, next_pos: Tensor, kept: Tensor) -> None:
+        # For decoding from the cache by hand (the model's own fallback): position = attended
+        # tokens so far + rope_deltas = last original position + 1 for the first new token.
+        self.parts.inner.rope_deltas = (next_pos - kept)[:, None]
+
+    def decode_positions(self, bound: dict, st: _DecodeState, extra: int, q: int) -> None:
+        # generate's positions count the caller's (unpruned) mask: replaced, in all three rows.
+        bound.pop("mm_token_type_ids", None)
+        pos = st.next_pos[:, None] + extra + torch.arange(q, device=st.next_pos.device)[None, :]
+        bound["position_ids"] = pos[None].expand(3, *pos.shape)
+
+
+def _family_of(model):
+    from transformers import LlavaForConditionalGeneration
+    try:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        Qwen2_5_VLForConditionalGeneration = None
+    # Exact classes: LLaVA-NeXT and other subclasses lay their image tokens out differently.
+    if type(model) is LlavaForConditionalGeneration:
+        return _Llava(model)
+    if Qwen2_5_VLForConditionalGeneration is not None and type(model) is Qwen2_5_VLForConditionalGeneration:
+        return _Qwen(model)
+    raise ValueError("GlimpsePrune inference supports LlavaForConditionalGeneration (LLaVA-1.5) and "
+                     f"Qwen2_5_VLForConditionalGeneration, got {type(model).__name__}")
+
+
+class GlimpseHandle(ModelWrapper):
+    """What ``apply_glimpse`` returns: ``remove()`` puts the model back; also a context manager.
+
+    After each pruned call: ``last_kept[i][0]`` = kept token positions of image i (raster in its
+    grid: LLaVA the patch grid, Qwen the merged grid; ascending, int64; images in the order they
+    fill the placeholders), ``last_lengths[i]`` = how many. Both are read from the device only
+    when asked for.
+    """
+
+    method = "glimpse"
+
+    def __init__(self, model, family, head: GlimpseHead, threshold: float, min_keep: int,
+                 max_ratio: Optional[float]):
+        self._remember(model)
+        self.head = head
+        self.threshold = threshold
+        self.min_keep = min_keep
+        self.max_ratio = max_ratio
+        self.options = {"threshold": threshold, "min_keep": min_keep, "max_ratio": max_ratio}
+        self._family = family
+        self._keep: Optional[Tensor] = None  # [U] flat over the call's images
+        self._sizes: List[int] = []  # tokens per image
+        self._kept: Optional[List[List[Tensor]]] = None
+
+    @property
+    def _parts(self):
+        return self._family.parts
+
+    @property
+    def last_kept(self) -> List[List[Tensor]]:
+        if self._kept is None:
+            if self._keep is None:
+                return []
+            keep = self._keep.cpu()
+            self._kept = [[row.nonzero().squeeze(1)] for row in keep.split(self._sizes)]
+        return self._kept
+
+    @property
+    def last_lengths(self) -> List[int]:
+        return [int(k[0].numel()) for k in self.last_kept]
 
     # ------------------------------------------------------------------ the pruned prefill
     def _layer_kwargs(self, mask, pos, pe, cache):
         return {"attention_mask": mask, "position_ids": pos, "position_embeddings": pe,
-                self._parts.cache_kw: cache, "use_cache": cache is not None}
+                self._family.cache_kw: cache, "use_cache": cache is not None}
 
-    def _causal_mask(self, h: Tensor, mask: Tensor, pos: Tensor):
+    def _causal_mask(self, h: Tensor, mask: Tensor, pos: Optional[Tensor]):
         from transformers.masking_utils import create_causal_mask
         # No cache: the key length is the 2D mask's. The mask is always given, so the positions
         # (with gaps after pruning) are never read as packed sequences.
-        return create_causal_mask(self._parts.lm.config, h, mask, None, pos)
+        return create_causal_mask(self._family.lm.config, h, mask, None, pos)
 
-    def _prefill(self, input_ids: Tensor, pixel_values: Tensor, attention_mask: Optional[Tensor],
+    def _decide(self, A: Tensor, conds: List[Tensor], dims) -> Tensor:
+        """The VIP and the keep rule per image: A [U, Hq] and conditions [U, C] over the call's
+        images (in order), dims their grids. Images of one grid size go through the VIP together.
+        Returns keep [U] bool."""
+        sizes = [r * c for r, c in dims]
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
+        groups: dict = {}
+        for i, d in enumerate(dims):
+            groups.setdefault(d, []).append(i)
+        keep = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+        for (r, c), members in groups.items():
+            n = r * c
+            if len(members) == len(dims):  # one size (LLaVA; Qwen with equal images): no gather
+                rows = None
+                a, cs = A.view(len(members), n, -1), [x.view(len(members), n, -1) for x in conds]
+            else:
+                rows = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in members]).to(A.device)
+                a = A[rows].view(len(members), n, -1)
+                cs = [x[rows.to(x.device)].view(len(members), n, -1) for x in conds]
+            logits = self.head.predict(a, cs, (r, c))
+            k = keep_mask(logits, self.threshold, self.min_keep, self.max_ratio).reshape(-1)
+            if rows is None:
+                keep = k
+            else:
+                keep[rows] = k
+        return keep
+
+    def _prefill(self, input_ids: Tensor, images: dict, attention_mask: Optional[Tensor],
                  position_ids: Optional[Tensor], cache, use_cache: bool):
         """Returns (hidden [B, M, H] after the final norm, the pruned cache or None, the gather
         index [B, M] into the caller's sequence, -1 = left padding)."""
         from transformers import DynamicCache
-        p = self._parts
+        fam = self._family
         head = self.head
         K = head.reduce_layer
         B, T = input_ids.shape
@@ -271,71 +462,65 @@ class GlimpseHandle:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         if mask.shape != (B, T):
             raise ValueError(f"attention_mask must be [B, T] = {(B, T)}, got {tuple(mask.shape)}")
-        if position_ids is None:
-            # As generate builds them: attended tokens count up from 0, padding gets 0. Without
-            # padding this is Hugging Face's arange; with it, a row equals its sample alone.
-            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        else:
-            pos = position_ids.to(device).long()
-            if pos.dim() != 2 or pos.shape[-1] != T:
-                raise ValueError(f"position_ids must be [B, T], got {tuple(pos.shape)}")
-            pos = pos.expand(B, T)
+        pos = fam.positions(input_ids, mask, position_ids, images)  # [R, B, T]
 
-        feats, conds = self._vision(pixel_values)
-        n_img, N, H = feats.shape
-        is_img = input_ids == p.image_token_id
-        if n_img * N > B * T:
-            raise ValueError(f"the {n_img} images need {n_img * N} image tokens, more than input_ids hold ({B} x {T})")
+        feats, conds, dims = self._family.vision(head, images)
+        U, H = feats.shape
+        is_img = input_ids == fam.image_token_id
+        if U > B * T:
+            raise ValueError(f"the {len(dims)} images need {U} image tokens, more than input_ids hold ({B} x {T})")
         # The image placeholders in the order images fill them, without a host wait: a stable
         # sort puts them first. Their count is checked at the one host read below.
-        img_flat = torch.sort((~is_img).reshape(-1).to(torch.int8), stable=True).indices[: n_img * N]
-        emb = p.embed(input_ids)
-        emb = emb.reshape(B * T, H).index_put((img_flat,), feats.reshape(-1, H).to(emb.dtype)).reshape(B, T, H)
+        img_flat = torch.sort((~is_img).reshape(-1).to(torch.int8), stable=True).indices[:U]
+        emb = fam.embed(input_ids)
+        emb = emb.reshape(B * T, H).index_put((img_flat,), feats.to(emb.device, emb.dtype)).reshape(B, T, H)
 
-        # Stage 1: layers 0..K on prompt + glimpse.
+        # Stage 1: layers 0..K on prompt + glimpse, the glimpse at the last position + 1 (every row).
         g = head.glimpse_embeddings(emb.dtype).to(device)
         h = torch.cat([emb, g[0].expand(B, 1, H)], dim=1)
         mask1 = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        pos1 = torch.cat([pos, pos.amax(1, keepdim=True) + 1], dim=1)
-        pe1 = p.lm.rotary_emb(h, pos1)
-        causal1 = self._causal_mask(h, mask1, pos1)
-        full_cache = DynamicCache(config=p.lm.config)
+        next_pos = pos.masked_fill(mask[None] == 0, 0).amax(dim=(0, 2)) + 1  # [B]
+        pos1 = torch.cat([pos, next_pos[None, :, None].expand(pos.shape[0], B, 1)], dim=2)
+        pe1 = fam.rotary(h, pos1)
+        lpos1 = fam.layer_positions(pos1)
+        causal1 = self._causal_mask(h, mask1, lpos1)
+        full_cache = DynamicCache(config=fam.lm.config)
         got = {}
-        hook = p.layers[K].self_attn.q_proj.register_forward_hook(
+        hook = fam.layers[K].self_attn.q_proj.register_forward_hook(
             lambda _m, _a, out: got.__setitem__("q", out[:, -1].clone()))  # not a view: frees the full q
         try:
             for l in range(K + 1):
                 if l > 0:
                     h = torch.cat([h[:, :-1], h[:, -1:] + g[l]], dim=1)
-                h = _output(p.layers[l](h, **self._layer_kwargs(causal1, pos1, pe1, full_cache)))
+                h = _output(fam.layers[l](h, **self._layer_kwargs(causal1, lpos1, pe1, full_cache)))
         finally:
             hook.remove()
 
         # The glimpse row of layer K: its query after RoPE against the layer's cached keys.
-        attn = p.layers[K].self_attn
+        attn = fam.layers[K].self_attn
         D = attn.head_dim
-        q = got["q"].reshape(B, p.num_heads, D)
+        q = got["q"].reshape(B, fam.num_heads, D)
         cos, sin = pe1[0][:, -1, None, :], pe1[1][:, -1, None, :]
         q = q * cos + _rotate_half(q) * sin
         keys = full_cache.layers[K].keys
         with torch.no_grad():
             row = ops.glimpse_logits(q, keys, attn.scaling, mask1.bool(), not head.use_attention_logits)
             rows, cols = img_flat // T, img_flat % T
-            A = row.transpose(1, 2)[rows, cols].reshape(n_img, N, p.num_heads)
-            logits = head.predict(A, conds, (p.grid, p.grid))
-            keep_img = keep_mask(logits, self.threshold, self.min_keep, self.max_ratio)
+            A = row.transpose(1, 2)[rows, cols]  # [U, Hq]
+            keep_img = self._decide(A, conds, dims)
             keep_tok = (mask != 0) & ~is_img
             keep_tok = keep_tok.reshape(-1).index_put(
-                (img_flat,), keep_img.reshape(-1) & (mask.reshape(-1)[img_flat] != 0)).reshape(B, T)
+                (img_flat,), keep_img & (mask.reshape(-1)[img_flat] != 0)).reshape(B, T)
             n_kept = keep_tok.sum(1)
             # The one host wait: the length of the shortened sequence (and the placeholder check).
             M, placeholders = torch.stack([n_kept.max(), is_img.sum()]).tolist()
-        if placeholders != n_img * N:
-            raise ValueError(f"input_ids hold {placeholders} image tokens but the {n_img} images need "
-                             f"{n_img * N} (one run of {N} <image> placeholders per image)")
+        if placeholders != U:
+            per = "one run of <image> placeholders per image" if fam.family == "llava" else \
+                "one <|image_pad|> per merge unit"
+            raise ValueError(f"input_ids hold {placeholders} image tokens but the {len(dims)} images need {U} ({per})")
         if M == 0:
             raise ValueError("GlimpsePrune kept no token of any row (min_keep=0 and no text)")
-        self._keep, self._kept = keep_img, None
+        self._keep, self._sizes, self._kept = keep_img, [r * c for r, c in dims], None
         # Kept positions ascending, right-aligned, -1 on the left: sorting (t if kept else -1) puts
         # each row's -1s first, so its last M entries are the left-padded index.
         ar = torch.arange(T, device=device).expand(B, T)
@@ -349,27 +534,29 @@ class GlimpseHandle:
         h = gathered[0]
         valid = index >= 0
         mask2 = valid.to(mask.dtype)
-        pos2 = pos.gather(1, index.clamp_min(0)).masked_fill(~valid, 0)
+        R = pos.shape[0]
+        pos2 = pos.gather(2, index.clamp_min(0)[None].expand(R, B, M)).masked_fill(~valid[None], 0)
         target = None
         if use_cache:
-            target = cache if cache is not None else DynamicCache(config=p.lm.config)
+            target = cache if cache is not None else DynamicCache(config=fam.lm.config)
             for l in range(K + 1):
                 target.update(gathered[1 + 2 * l], gathered[2 + 2 * l], l)
 
         # Stage 2: layers K+1.. on the kept tokens, original positions.
-        pe2 = p.lm.rotary_emb(h, pos2)
-        causal2 = self._causal_mask(h, mask2, pos2)
-        for l in range(K + 1, len(p.layers)):
-            h = _output(p.layers[l](h, **self._layer_kwargs(causal2, pos2, pe2, target)))
-        h = p.lm.norm(h)
+        pe2 = fam.rotary(h, pos2)
+        lpos2 = fam.layer_positions(pos2)
+        causal2 = self._causal_mask(h, mask2, lpos2)
+        for l in range(K + 1, len(fam.layers)):
+            h = _output(fam.layers[l](h, **self._layer_kwargs(causal2, lpos2, pe2, target)))
+        h = fam.lm.norm(h)
+        fam.after_prefill(next_pos, n_kept)
         if target is not None:
-            target._vtk_glimpse = _DecodeState(prompt_len=T, kept_len=M, mask=mask2,
-                                               next_pos=pos.amax(1) + 1)
+            target._vtk_glimpse = _DecodeState(prompt_len=T, kept_len=M, mask=mask2, next_pos=next_pos)
         return h, target, index
 
     def _pruned_forward(self, bound: dict):
         model = self.model
-        p = self._parts
+        fam = self._family
         input_ids = bound.pop("input_ids", None)
         if input_ids is None:
             raise ValueError("GlimpsePrune needs input_ids to find the image placeholders")
@@ -381,15 +568,8 @@ class GlimpseHandle:
                                  "inside the language model)")
         if bound.pop("mm_encoder_outputs", None) is not None:
             raise ValueError("mm_encoder_outputs cannot be combined with GlimpsePrune (it reads the tower's layers)")
-        vfl = bound.pop("vision_feature_layer", None)
-        vfs = bound.pop("vision_feature_select_strategy", None)
+        images = fam.take_images(bound)
         cfg = model.config
-        if vfl is not None and vfl != cfg.vision_feature_layer:
-            raise ValueError(f"GlimpsePrune uses the config's vision_feature_layer={cfg.vision_feature_layer}, "
-                             f"got {vfl!r}")
-        if vfs is not None and vfs != "default":
-            raise ValueError(f"GlimpsePrune needs vision_feature_select_strategy='default', got {vfs!r}")
-        bound.pop("image_sizes", None)  # LLaVA-1.5: every image is one square crop
         cache = bound.pop("cache", None)
         past = bound.pop("past_key_values", None)
         cache = past if cache is None else cache
@@ -399,33 +579,29 @@ class GlimpseHandle:
         labels = bound.pop("labels", None)
         logits_to_keep = bound.pop("logits_to_keep", 0)
         return_dict = bound.pop("return_dict", None)
-        pixel_values = bound.pop("pixel_values")
         attention_mask = bound.pop("attention_mask", None)
         position_ids = bound.pop("position_ids", None)
         leftover = sorted(k for k, v in bound.items() if v is not None and v is not False)
         if leftover:
             raise ValueError(f"GlimpsePrune's forward does not take {leftover}")
-        h, target, index = self._prefill(input_ids, pixel_values, attention_mask, position_ids, cache,
-                                         bool(use_cache))
+        h, target, index = self._prefill(input_ids, images, attention_mask, position_ids, cache, bool(use_cache))
         if isinstance(logits_to_keep, int):
             hs = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         else:
             hs = h[:, logits_to_keep]
-        logits = p.lm_head(hs)
+        logits = fam.lm_head(hs)
         loss = None
         if labels is not None:
             kept_labels = labels.to(index.device).gather(1, index.clamp_min(0)).masked_fill(index < 0, -100)
             loss = model.loss_function(logits=logits, labels=kept_labels,
                                        vocab_size=cfg.text_config.vocab_size)
-        cls, cache_field = _output_class()
-        out = cls(loss=loss, logits=logits, **{cache_field: target})
+        out = fam.output(loss, logits, target)
         return out if return_dict is not False else out.to_tuple()
 
-    @staticmethod
-    def _decode_inputs(bound: dict, cache, st: _DecodeState) -> dict:
+    def _decode_inputs(self, bound: dict, cache, st: _DecodeState) -> dict:
         """A decoding step on the pruned cache: the caller's mask (over the original prompt) gets
-        the pruned prefix's mask in place of the prompt's columns; missing positions continue
-        after the last original one."""
+        the pruned prefix's mask in place of the prompt's columns; positions continue after the
+        last original one (LLaVA: unless given)."""
         ids = bound.get("input_ids")
         ref = ids if ids is not None else bound.get("inputs_embeds")
         if ref is None:
@@ -447,9 +623,7 @@ class GlimpseHandle:
             raise ValueError(f"attention_mask of shape {tuple(am.shape)} fits neither the caller's prompt "
                              f"({st.prompt_len} + {extra + q} tokens) nor the pruned cache ({past} + {q})")
         bound["attention_mask"] = am
-        if bound.get("position_ids") is None:
-            bound["position_ids"] = (st.next_pos[:, None] + extra
-                                     + torch.arange(q, device=st.next_pos.device)[None, :])
+        self._family.decode_positions(bound, st, extra, q)
         return bound
 
     # ------------------------------------------------------------------ install / remove
@@ -461,7 +635,7 @@ class GlimpseHandle:
 
         @functools.wraps(orig_forward)
         def forward(*args, **kwargs):
-            bound = _bind(fsig, args, kwargs)
+            bound = bind_call(fsig, args, kwargs)
             if bound.get("pixel_values") is not None:
                 return self._pruned_forward(bound)
             cache = bound.get("cache")
@@ -491,36 +665,16 @@ class GlimpseHandle:
         model.generate = generate
         self._active = True
 
-    def remove(self) -> None:
-        """Gives the model back exactly as it was (idempotent)."""
-        if not self._active:
-            return
-        for name, saved in self._saved.items():
-            if saved is _MISSING:
-                self.model.__dict__.pop(name, None)
-            else:
-                setattr(self.model, name, saved)
-        if getattr(self.model, "_vtk_pruning", None) is self:
-            del self.model._vtk_pruning
-        self._active = False
-
-    def __enter__(self) -> "GlimpseHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"GlimpseHandle(glimpse, K={self.head.reduce_layer}, {opts}, active={self._active})"
 
 
-_MISSING = object()
-
 
 def apply_glimpse(model, head, threshold: Optional[float] = None, min_keep: Optional[int] = None,
                   max_ratio: Optional[float] = None) -> GlimpseHandle:
-    """Prunes a LLaVA-1.5 model's visual tokens with GlimpsePrune on every call with images.
+    """Prunes a LLaVA-1.5 or Qwen2.5-VL model's visual tokens with GlimpsePrune on every call with
+    images.
 
     head: a GlimpseHead or a checkpoint directory (published format; loaded in the model's dtype
     and on its device). threshold, min_keep, max_ratio: the keep rule (ALGORITHMS.md step 4);
@@ -528,7 +682,7 @@ def apply_glimpse(model, head, threshold: Optional[float] = None, min_keep: Opti
     no cap. Raises ValueError for another model class, a head built for another model, or an
     option out of range (threshold in (0, 1), max_ratio in (0, 1], min_keep >= 0).
     """
-    parts = _inspect(model)
+    family = _family_of(model)
     if not isinstance(head, GlimpseHead):
         import os
         if not isinstance(head, (str, os.PathLike)):
@@ -548,7 +702,7 @@ def apply_glimpse(model, head, threshold: Optional[float] = None, min_keep: Opti
     current = getattr(model, "_vtk_pruning", None)
     if current is not None and getattr(current, "_active", False):
         raise ValueError(f"model is already pruned ({current!r}); call remove() first")
-    handle = GlimpseHandle(model, parts, head, float(threshold), int(min_keep),
+    handle = GlimpseHandle(model, family, head, float(threshold), int(min_keep),
                            None if max_ratio is None else float(max_ratio))
     handle._install()
     model._vtk_pruning = handle

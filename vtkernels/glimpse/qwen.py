@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..hf.capture import window_index_of
 
-__all__ = ["QwenGlimpseParts", "inspect_qwen", "image_dims", "run_tower", "rope_positions"]
+__all__ = ["QwenGlimpseParts", "inspect_qwen", "check_decoder", "image_dims", "run_tower", "rope_positions"]
 
 
 @dataclass
@@ -58,25 +58,32 @@ def inspect_qwen(model) -> QwenGlimpseParts:
     if not callable(getattr(inner, "get_rope_index", None)):
         raise ValueError(f"{type(inner).__name__} has no get_rope_index: this transformers version is not supported")
     lm = inner.language_model
-    for name in ("rotary_emb", "norm", "layers"):
-        if not hasattr(lm, name):
-            raise ValueError(f"language model {type(lm).__name__} has no {name}: not supported")
     tc = cfg.text_config
     types = set(getattr(tc, "layer_types", None) or ["full_attention"])
     if types != {"full_attention"}:
         raise ValueError(f"GlimpsePrune needs full attention in every LLM layer, the config has {sorted(types)} "
                          "(use_sliding_window is not supported)")
     layers = lm.layers
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "q_proj") or not hasattr(attn, "scaling"):
-            raise ValueError(f"decoder layer {i} has no self_attn.q_proj / scaling: not supported")
-    params = _inspect_mod.signature(layers[0].forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
+    cache_kw = check_decoder(lm)
     return QwenGlimpseParts(inner=inner, lm=lm, layers=layers, cache_kw=cache_kw, embed=model.get_input_embeddings(),
                             visual=visual, blocks=blocks, lm_head=model.lm_head, image_token_id=int(cfg.image_token_id),
                             video_token_id=getattr(cfg, "video_token_id", None),
                             num_heads=int(tc.num_attention_heads), merge=int(cfg.vision_config.spatial_merge_size))
+
+
+def check_decoder(lm: nn.Module) -> str:
+    """Checks that a language model is one the glimpse prefill can drive layer by layer (rotary_emb,
+    norm, layers with self_attn.q_proj and scaling); returns the layers' name for the cache
+    ("cache", or "past_key_values" before transformers 5.24)."""
+    for name in ("rotary_emb", "norm", "layers"):
+        if not hasattr(lm, name):
+            raise ValueError(f"language model {type(lm).__name__} has no {name}: not a Llama-style decoder")
+    for i, layer in enumerate(lm.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not hasattr(attn, "q_proj") or not hasattr(attn, "scaling"):
+            raise ValueError(f"decoder layer {i} is not Llama-style (self_attn.q_proj, scaling)")
+    params = _inspect_mod.signature(lm.layers[0].forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def image_dims(grid: Tensor, merge: int) -> List[Tuple[int, int]]:

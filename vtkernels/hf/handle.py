@@ -93,6 +93,44 @@ def _bind(sig: inspect.Signature, args, kwargs) -> dict:
     return bound
 
 
+def bind_call(sig: inspect.Signature, args, kwargs) -> dict:
+    """Public name of ``_bind`` for the method providers (vtkernels.glimpse)."""
+    return _bind(sig, args, kwargs)
+
+
+class ModelWrapper:
+    """What a pruning handle shares: it puts ``forward`` and ``generate`` on the model as instance
+    attributes (the class and the weights stay as they were), ``remove()`` takes them off again
+    (idempotent), and it is a context manager. Subclasses call ``_remember(model)`` first and set
+    ``_active`` once installed."""
+
+    _WRAPPED = ("forward", "generate")
+
+    def _remember(self, model) -> None:
+        self.model = model
+        self._saved = {name: model.__dict__.get(name, _MISSING) for name in self._WRAPPED}
+        self._active = False
+
+    def remove(self) -> None:
+        """Gives the model back exactly as it was (idempotent)."""
+        if not self._active:
+            return
+        for name, saved in self._saved.items():
+            if saved is _MISSING:
+                self.model.__dict__.pop(name, None)
+            else:
+                setattr(self.model, name, saved)
+        if getattr(self.model, "_vtk_pruning", None) is self:
+            del self.model._vtk_pruning
+        self._active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 def _shift_lengths(model, call: dict, prompt_len: int, compact_len: int) -> None:
     """Keeps the number of new tokens of ``generate`` under pruning.
 
@@ -143,7 +181,7 @@ def _shift_lengths(model, call: dict, prompt_len: int, compact_len: int) -> None
 
 # --------------------------------------------------------------------------- the handle
 
-class PruningHandle:
+class PruningHandle(ModelWrapper):
     """What ``apply_pruning`` returns: ``remove()`` puts the model back; also a context manager.
 
     After each pruned call: ``last_lengths`` = visual tokens per image in the sequence (newline
@@ -154,7 +192,7 @@ class PruningHandle:
     """
 
     def __init__(self, model, adapter: Adapter, plan: Plan, options: dict):
-        self.model = model
+        self._remember(model)
         self.method = plan.method
         self.options = dict(options)
         self._kept_fns: list = []
@@ -163,8 +201,6 @@ class PruningHandle:
         self.last_projected: List[int] = []
         self._adapter = adapter
         self._plan = plan
-        self._saved = {name: model.__dict__.get(name, _MISSING) for name in ("forward", "generate")}
-        self._active = False
 
     @property
     def last_kept(self) -> List[List[Tensor]]:
@@ -238,25 +274,6 @@ class PruningHandle:
         model.forward = forward
         model.generate = generate
         self._active = True
-
-    def remove(self) -> None:
-        """Gives the model back exactly as it was (idempotent)."""
-        if not self._active:
-            return
-        for name, saved in self._saved.items():
-            if saved is _MISSING:
-                self.model.__dict__.pop(name, None)
-            else:
-                setattr(self.model, name, saved)
-        if getattr(self.model, "_vtk_pruning", None) is self:
-            del self.model._vtk_pruning
-        self._active = False
-
-    def __enter__(self) -> "PruningHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

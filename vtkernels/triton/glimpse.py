@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import _validate as V
+from ._launch import capturing
 from ._launch import device_guard as _device_guard
 from ._launch import interpreting as _interpreting
 from .scoring import _tl_acc, _widen
@@ -41,10 +42,6 @@ from .scoring import _tl_acc, _widen
 __all__ = ["glimpse_logits", "gather_cache"]
 
 _NATIVE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 # --- glimpse_logits ------------------------------------------------------------------------
@@ -306,7 +303,7 @@ def _device_table(rows: list, device: torch.device) -> torch.Tensor:
 def gather_cache(tensors, index) -> list:
     """Every tensor [B, ..., L, D] gathered along dim -2 at index [B, M] (-1 = zeros), one launch."""
     B, L, M = V.check_gather_cache(tensors, index)
-    if not _capturing(index.device):  # one aminmax, one host wait
+    if not capturing(index):  # one aminmax, one host wait
         V.check_gather_cache_range(index, L)
     outs, rows = [], []
     sources = []  # keeps contiguous copies (see _middle) alive until the launch has been queued

@@ -23,8 +23,8 @@ Block b of the packed sequence belongs to the segment s with first[s] <= b < fir
 first = the exclusive cumulative sum of cdiv(n_s, BLOCK) (computed on the device: no host
 sync); a program finds s by binary search over first. The grid is sized by the shapes alone (S
 and the number of segments n, no values): sum_s cdiv(n_s, BLOCK) <= cdiv(S, BLOCK) + n, and
-programs past the last block return at once. head_dim is looped in BLOCK_D chunks when it is
-wide (_launch_config), so the tiles (and the shared memory) do not grow with it. Accumulation is
+programs past the last block return at once. head_dim is looped in BLOCK_D chunks
+(_launch_config), so the tiles (and the shared memory) do not grow with it. Accumulation is
 float32, or float64 for float64 inputs; the output is float32.
 
 The value check of cu_seqlens (starts at 0, non-decreasing, ends at S) reads the values on the
@@ -52,10 +52,9 @@ def _launch_config(S: int, C: int, num_heads: int, dtype: torch.dtype) -> dict:
 
     BLOCK_M query rows x BLOCK_N keys per logits tile; BLOCK_D channels per tl.dot. Every head is
     looped in chunks of at most 64 channels (32 in float64; a power of two >= 16, as tl.dot
-    needs), so the tiles do not grow with head_dim (1280 and beyond). The ONE_CHUNK variant (the
-    program's own q or k tile loaded once) stays in the kernels but is not chosen: compiled for
-    sm_90, its row-stats kernel is held to 32 registers by ptxas and spills ~8 KiB at head_dim 80
-    (python_tests/test_triton_compile.py). The dot operands of float32 and float64 (no tensor
+    needs), so the tiles do not grow with head_dim (1280 and beyond); heads that fit one chunk
+    are looped too (keeping the program's own q tile loaded across the key loop spilled on sm_90:
+    python_tests/test_triton_compile.py). The dot operands of float32 and float64 (no tensor
     cores: "ieee" FMA dots) sit in registers: 32 x 32 tiles there (64 x 64 spilled on sm_80),
     64 x 64 with 8 warps for 16-bit. Shared memory of the dot operands, num_stages * (BLOCK_M +
     BLOCK_N) * BLOCK_D elements: at most 48 KiB, far inside Hopper's 227 KiB.
@@ -64,10 +63,8 @@ def _launch_config(S: int, C: int, num_heads: int, dtype: torch.dtype) -> dict:
     wide = dtype in (torch.float32, torch.float64)
     block = 32 if wide else 64
     chunk = 32 if dtype == torch.float64 else 64
-    one_chunk = False
     block_d = min(chunk, max(16, triton.next_power_of_2(head_dim)))
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, ONE_CHUNK=one_chunk,
-                num_warps=4 if wide else 8, num_stages=2)
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=4 if wide else 8, num_stages=2)
 
 @triton.jit
 def _segment_of(first_ptr, NSEG, pid):
@@ -137,7 +134,7 @@ def _varlen_row_stats_kernel(
     cu_ptr, first_ptr, scale_ptr,
     m_ptr, l_ptr,
     S, NSEG, DH,
-    ACC: tl.constexpr, WIDEN: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    ACC: tl.constexpr, WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """m[h, i] and l[h, i] for the BLOCK_M query rows of program (query block, h).
@@ -159,22 +156,14 @@ def _varlen_row_stats_kernel(
     rmask = rows < s1
     c0 = h * DH
     scale = tl.load(scale_ptr)
-    if ONE_CHUNK:
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < DH
-        q_tile = _load_rows(q_ptr, q_ss, q_sc, rows, rmask, c0 + d, dmask, ACC, WIDEN)
 
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     l = tl.zeros([BLOCK_M], ACC)
     for j0 in range(s0, s1, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < s1
-        if ONE_CHUNK:
-            kt = _load_cols(k_ptr, k_ss, k_sc, cols, cmask, c0 + d, dmask, ACC, WIDEN)
-            s = tl.dot(q_tile, kt, input_precision="ieee", out_dtype=ACC)
-        else:
-            s = _qk_chunked(q_ptr, q_ss, q_sc, k_ptr, k_ss, k_sc, rows, rmask, cols, cmask, c0, DH,
-                            ACC, WIDEN, BLOCK_M, BLOCK_N, BLOCK_D)
+        s = _qk_chunked(q_ptr, q_ss, q_sc, k_ptr, k_ss, k_sc, rows, rmask, cols, cmask, c0, DH,
+                        ACC, WIDEN, BLOCK_M, BLOCK_N, BLOCK_D)
         s = tl.where(cmask[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
@@ -191,7 +180,7 @@ def _varlen_col_sums_kernel(
     m_ptr, l_ptr,
     colh_ptr,
     S, NSEG, DH, H,
-    ACC: tl.constexpr, WIDEN: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    ACC: tl.constexpr, WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """colh[h, j] = 1/(H n) sum_i exp(S[i, j] - m[h, i]) / l[h, i] for the BLOCK_N keys j of
@@ -207,21 +196,13 @@ def _varlen_col_sums_kernel(
     cmask = cols < s1
     c0 = h * DH
     scale = tl.load(scale_ptr)
-    if ONE_CHUNK:
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < DH
-        k_tile = _load_cols(k_ptr, k_ss, k_sc, cols, cmask, c0 + d, dmask, ACC, WIDEN)
 
     col = tl.zeros([BLOCK_N], ACC)
     for i0 in range(s0, s1, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
         rmask = rows < s1
-        if ONE_CHUNK:
-            qt = _load_rows(q_ptr, q_ss, q_sc, rows, rmask, c0 + d, dmask, ACC, WIDEN)
-            s = tl.dot(qt, k_tile, input_precision="ieee", out_dtype=ACC)
-        else:
-            s = _qk_chunked(q_ptr, q_ss, q_sc, k_ptr, k_ss, k_sc, rows, rmask, cols, cmask, c0, DH,
-                            ACC, WIDEN, BLOCK_M, BLOCK_N, BLOCK_D)
+        s = _qk_chunked(q_ptr, q_ss, q_sc, k_ptr, k_ss, k_sc, rows, rmask, cols, cmask, c0, DH,
+                        ACC, WIDEN, BLOCK_M, BLOCK_N, BLOCK_D)
         m = tl.load(m_ptr + h * S + rows, mask=rmask, other=0.0)
         l = tl.load(l_ptr + h * S + rows, mask=rmask, other=1.0)
         p = tl.exp(s * scale - m[:, None]) / l[:, None]
@@ -259,7 +240,7 @@ def attention_received_varlen(q, k, cu_seqlens, num_heads: int, scale=None) -> t
         l = torch.empty((H, S), dtype=acc, device=q.device)
         colh = torch.zeros((H, S), dtype=acc, device=q.device)  # zeros: defined even for bad cu under capture
         common = dict(ACC=_tl_acc(q.dtype), WIDEN=_interpreting() and q.dtype != acc,
-                      ONE_CHUNK=cfg["ONE_CHUNK"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"],
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"],
                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         _varlen_row_stats_kernel[(triton.cdiv(S, bm) + n, H)](
             q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1),
