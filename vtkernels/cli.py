@@ -270,15 +270,13 @@ def _load_local(model_dir: str, device: torch.device, dtype: Optional[torch.dtyp
 
 
 def _prompt(processor, text: str, qwen: bool) -> str:
-    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if qwen else "<image>"
+    """The text as is when it holds the image placeholder, else the chat prompt GlimpsePrune's
+    training builds (the chat template, else the family's plain prompt)."""
+    from .glimpse.adapters import QWEN_IMAGE, prompt_text
+    placeholder = QWEN_IMAGE if qwen else "<image>"
     if placeholder in text or (qwen and "<|image_pad|>" in text):
         return text
-    if getattr(processor, "chat_template", None):
-        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return processor.apply_chat_template(conv, add_generation_prompt=True)
-    if qwen:
-        return f"user : {placeholder} {text} assistant :"
-    return f"USER: <image>\n{text} ASSISTANT:"
+    return prompt_text(processor, text, "qwen" if qwen else "llava")
 
 
 def _sync(device: torch.device) -> None:

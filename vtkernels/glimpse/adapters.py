@@ -30,7 +30,7 @@ A family brings its image tokens and VIP conditions, its positions and its VIP c
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +76,15 @@ def prompt_text(processor, question: str, family: str = "llava") -> str:
     glimpse goes right after it, where the answer starts).
 
     The processor's chat template. Without one, LLaVA-1.5's ``USER: <image>\n{q} ASSISTANT:``;
-    Qwen2.5-VL (a processor put together from a tokenizer and an image processor, as ``vtk``
-    builds one without torchvision): the tokenizer's chat template if it renders the image
-    placeholder, else ``user : <|vision_start|><|image_pad|><|vision_end|> {q} assistant :``
-    (what the small test models read)."""
+    a Qwen-VL family (``family`` starting with "qwen"; a processor put together from a tokenizer
+    and an image processor, as ``vtk`` builds one without torchvision): the tokenizer's chat
+    template if it renders the image placeholder, else
+    ``user : <|vision_start|><|image_pad|><|vision_end|> {q} assistant :`` (what the small test
+    models read)."""
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template(conv, add_generation_prompt=True)
-    if family != "qwen2_5_vl":
+    if not family.startswith("qwen"):
         return f"USER: <image>\n{question} ASSISTANT:"
     tok = getattr(processor, "tokenizer", None)
     if getattr(tok, "chat_template", None):
@@ -401,7 +402,8 @@ class LlavaTrainAdapter(_TrainAdapter):
         B = is_img.shape[0]
         depth = len(p.tower_layers)
         tower_dtype = next(p.tower.parameters()).dtype
-        hs = p.tower(batch["pixel_values"].to(device=device, dtype=tower_dtype), output_hidden_states=True).hidden_states
+        pixels = batch["pixel_values"].to(device=device, dtype=tower_dtype)
+        hs = p.tower(pixels, output_hidden_states=True).hidden_states
         feats = p.projector(hs[p.feature_layer][:, 1:])
         conds = [hs[i % (depth + 1)][:, 1:] for i in head.selected_visual_layers]
         n_img, N, _ = feats.shape
@@ -453,9 +455,10 @@ def qwen_box_mask(boxes: Sequence[Tuple[float, float, float, float]], width: int
 
     Qwen's processor only resizes (``qwen_resized_size``: new_w x new_h, each side scaled on its
     own, so the aspect may change), which maps x to x * new_w / width and y to y * new_h / height;
-    normalised by the resized picture that is x / width and y / height, computed so (no rounding
-    through the scale). Then the grid rule of ALGORITHMS.md step 7 (``data.box_grid_mask``) on
-    the rows x cols merge units, which tile the resized picture exactly."""
+    normalised by the resized picture that is x / width and y / height, computed directly (the
+    scale would only add rounding). So the published normalisation by the original size is right
+    for Qwen; what the geometry decides is the grid. Then the grid rule of ALGORITHMS.md step 7
+    (``data.box_grid_mask``) on the rows x cols merge units, which tile the resized picture."""
     return box_grid_mask([(x1 / width, y1 / height, x2 / width, y2 / height) for x1, y1, x2, y2 in boxes],
                          rows, cols)
 
@@ -481,8 +484,6 @@ class QwenTrainAdapter(_TrainAdapter):
         if got != (self.patch, self.merge):
             raise ValueError(f"the image processor's patch_size / merge_size {got} differ from the model's "
                              f"({self.patch}, {self.merge})")
-        if int(getattr(ip, "temporal_patch_size", 2) or 2) < 1:
-            raise ValueError("the image processor's temporal_patch_size must be >= 1")
 
     # -- data
     def encode(self, processor, image, row: Row) -> dict:
@@ -557,22 +558,8 @@ class QwenTrainAdapter(_TrainAdapter):
         return None, p.lm.rotary_emb(emb, pos3), None
 
     def _vip(self, head, A: Tensor, conds, dims) -> Tensor:
-        """The VIP per image on its own grid, one call per distinct grid; logits [B, max N],
-        zero beyond an image's tokens."""
-        sizes = [r * c for r, c in dims]
-        starts = [0]
-        for s in sizes:
-            starts.append(starts[-1] + s)
-        groups: Dict[Tuple[int, int], List[int]] = {}
-        for i, d in enumerate(dims):
-            groups.setdefault(d, []).append(i)
-        out: List[Optional[Tensor]] = [None] * len(dims)
-        for d, members in groups.items():
-            take = lambda x: torch.stack([x[starts[i]:starts[i + 1]] for i in members])  # noqa: E731
-            logits = head.predict(take(A), [take(c) for c in conds], d)
-            for j, i in enumerate(members):
-                out[i] = logits[j]
-        n = max(sizes)
+        """The VIP per image on its own grid (one call per distinct grid); logits [B, max N], zero
+        beyond an image's tokens."""
+        out = head.predict_images(A, conds, dims)
+        n = max(o.shape[0] for o in out)
         return torch.stack([F.pad(o, (0, n - o.shape[0])) for o in out])
-
-

@@ -384,6 +384,31 @@ class GlimpseHead(nn.Module):
         """VIP logits [n, N] (float32) of the last block; see VisualImportancePredictor."""
         return self.attn_fuser(attn, conditions, grid)
 
+    def predict_images(self, attn: Tensor, conditions: Sequence[Tensor],
+                       dims: Sequence[Tuple[int, int]]) -> List[Tensor]:
+        """VIP logits of images of different grids (Qwen2.5-VL): ``attn`` [U, Hq] and each condition
+        [U, C] hold the images' tokens one image after another, ``dims`` their (rows, cols).
+        The images of one grid go through ``predict`` together (in their order). Returns one
+        [rows * cols] float32 tensor per image, in ``dims``' order."""
+        sizes = [r * c for r, c in dims]
+        if sum(sizes) != attn.shape[0] or any(c.shape[0] != attn.shape[0] for c in conditions):
+            raise ValueError(f"the grids {list(dims)} hold {sum(sizes)} tokens; attn has {attn.shape[0]}, the "
+                             f"conditions {[c.shape[0] for c in conditions]}")
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, d in enumerate(dims):
+            groups.setdefault(tuple(d), []).append(i)
+        out: List[Optional[Tensor]] = [None] * len(sizes)
+        for grid, members in groups.items():
+            def take(x: Tensor) -> Tensor:
+                return torch.stack([x[starts[i]:starts[i + 1]] for i in members])
+            logits = self.predict(take(attn), [take(c) for c in conditions], grid)
+            for j, i in enumerate(members):
+                out[i] = logits[j]
+        return out
+
     # -- checkpoint I/O (published format)
     def published_state(self) -> Dict[str, object]:
         """The dict new_modules_gp.pt holds."""
