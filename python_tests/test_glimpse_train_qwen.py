@@ -304,6 +304,34 @@ def test_training_forward_against_the_models_own(f64):
     assert not any(got.values())
 
 
+def test_training_glimpse_sees_what_inference_sees(f64):
+    """The glimpse at the first answer token's place attends to the keys it attends to at inference
+    (prompt + itself), at the same M-RoPE position: the VIP logits of the training forward equal
+    those apply_glimpse computes on the prompts alone, image by image, images of several sizes."""
+    model, proc, data = f64
+    head = make_head(model, seed=3).double()
+    items = [data[i] for i in range(5)]
+    with torch.no_grad():
+        logits, _ = data.adapter.forward(model, head, data.collate(items), training=False)
+        seen = []
+        orig = head.predict
+        head.predict = lambda A, c, g: seen.append((g, orig(A, c, g))) or seen[-1][1]
+        try:
+            inputs = data.prompts(items)
+            with apply_glimpse(model, head):
+                model(**inputs)
+        finally:
+            del head.predict
+    by_grid = {}
+    for g, lg in seen:
+        by_grid.setdefault(g, []).extend(lg)
+    for b, it in enumerate(items):
+        _, gh, gw = it["image_grid_thw"].tolist()
+        n = it["box_mask"].numel()
+        # Inference forms A in float32 (ops.glimpse_logits), training in float64.
+        assert_close(logits[b, :n], by_grid[(gh // 2, gw // 2)].pop(0), atol=2e-5, rtol=1e-5)
+
+
 def test_mixed_sizes_batch_equals_each_sample_alone(f64):
     """Images of different sizes in one batch: each sample's VIP logits, Dice and BCE are what it
     gives alone (the padding of the shorter ones is read nowhere); the LM loss is the mean over
@@ -341,6 +369,97 @@ def test_mixed_sizes_batch_equals_each_sample_alone(f64):
     assert all(np.isfinite([rec["loss"], rec["dice"], rec["bce"], rec["lm"]]).all() for rec in r.history)
     assert any(not torch.equal(a, p) for a, p in zip(h0, head.parameters()))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# ----------------------------------------------------------------------------- the training run
+
+STEPS = int(os.environ.get("VTK_GLIMPSE_TRAIN_STEPS", "120"))
+SEED = int(os.environ.get("VTK_GLIMPSE_TRAIN_SEED", "0"))  # to rerun the measurement on other seeds
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One training run shared by several tests: 96 training rows, 32 held out, STEPS steps of 4
+    (batches of mixed image sizes)."""
+    root = tmp_path_factory.mktemp("glimpse_train_qwen")
+    train_file = synthetic(str(root), 96, 100 + SEED, "train.jsonl")
+    test_file = synthetic(str(root), 32, 900 + SEED, "test.jsonl")
+    model, proc = tiny(seed=SEED)
+    data = GlimpseDataset.from_source(train_file, root, proc, model)
+    held = GlimpseDataset.from_source(test_file, root, proc, model)
+    head = make_head(model, seed=SEED)
+    before = evaluate(model, head, held)
+    weights = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    out = root / "out"
+    result = train(model, head, data, steps=STEPS, lr=3e-3, batch_size=4, out=out, save_every=STEPS // 2,
+                   progress=False, seed=SEED)
+    after = evaluate(model, head, held)
+    print(f"seed {SEED}: held-out dice {before['dice']:.3f} -> {after['dice']:.3f}, "
+          f"keep-all {keep_all_dice(held):.3f}, iou {before['iou']:.3f} -> {after['iou']:.3f}, "
+          f"kept {before['kept_ratio']:.3f} -> {after['kept_ratio']:.3f}, {result.seconds:.1f} s")
+    return dict(model=model, proc=proc, data=data, held=held, head=head, before=before, after=after,
+                weights=weights, flags=flags, out=out, result=result)
+
+
+def test_training_raises_the_held_out_dice(run):
+    # Observed over seeds 0-7 of this set-up (VTK_GLIMPSE_TRAIN_SEED: the model, the head, the data
+    # and the order; docs/glimpse.md has the table): untrained 0.224 / 0.320 / 0.099 / 0.332 /
+    # 0.056 / 0.043 / 0.111 / 0.288 (it keeps a few tokens or nearly all), trained 0.643 / 0.735 /
+    # 0.598 / 0.692 / 0.637 / 0.569 / 0.632 / 0.665, keep-all 0.331 / 0.321 / 0.335 / 0.331 /
+    # 0.338 / 0.312 / 0.301 / 0.306; IoU gains 0.353 to 0.481. The smallest Dice gain seen, over
+    # either, was 0.257 (seed 5 over keep-all): 0.15 leaves room for platform noise, and beating
+    # keep-all by as much means the head localises rather than keeps.
+    before, after = run["before"], run["after"]
+    base = keep_all_dice(run["held"])
+    assert 0.2 < base < 0.45
+    assert after["dice"] > before["dice"] + 0.15, (before, after)
+    assert after["dice"] > base + 0.15, (base, after)
+    assert after["iou"] > before["iou"] + 0.1
+    assert 0.05 < after["kept_ratio"] < 0.5  # it prunes, and keeps about the boxes' share
+    assert after["samples"] == 32
+    h = run["result"].history
+    assert len(h) == STEPS and [r["step"] for r in h] == list(range(1, STEPS + 1))
+    first, last = np.mean([r["dice"] for r in h[:10]]), np.mean([r["dice"] for r in h[-10:]])
+    assert last < first - 0.2  # the Dice loss itself went down
+
+
+def test_frozen_model_is_bit_identical(run):
+    model = run["model"]
+    after = model.state_dict()
+    assert set(after) == set(run["weights"])
+    for k, v in run["weights"].items():
+        assert torch.equal(after[k], v), k
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == run["flags"]
+    assert not model.training
+
+
+def test_the_saved_head_loads_and_prunes(run):
+    out, model, head = run["out"], run["model"], run["head"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"checkpoint-{STEPS // 2}", f"checkpoint-{STEPS}",
+                                                           "config.json", "new_modules_gp.pt"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2_5_vl" and cfg["reduce_layer"] == 2 and cfg["use_attention_logits"] is True
+    assert cfg["selected_visual_layers"] == [3, 2, 1, 0]  # blocks 31, 23, 15, 7 of 32, at this depth
+    loaded = GlimpseHead.from_pretrained(out, model=model)
+    for (n, a), (_, b) in zip(head.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    # ... and prunes: apply_glimpse with the directory, images of two sizes in one padded batch,
+    # generate on the pruned cache; the kept sets are those evaluate scored.
+    items = [run["held"][i] for i in range(3)]
+    assert len({tuple(it["image_grid_thw"].tolist()) for it in items}) > 1
+    inputs = run["held"].prompts(items)
+    with torch.no_grad(), apply_glimpse(model, str(out)) as handle:
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        kept = [k[0] for k in handle.last_kept]
+    assert gen.shape == (3, inputs["input_ids"].shape[1] + 3)
+    for it, k in zip(items, kept):
+        n = it["box_mask"].numel()
+        assert 1 <= k.numel() < n and int(k.max()) < n
+    # The trained head keeps more of the box than of the rest.
+    inside = sum(int(it["box_mask"][k].sum()) for it, k in zip(items, kept))
+    assert inside / sum(k.numel() for k in kept) > sum(int(it["box_mask"].sum()) for it in items) / \
+        sum(it["box_mask"].numel() for it in items)
 
 
 # ----------------------------------------------------------------------------- exact resume
@@ -405,3 +524,30 @@ def test_models_and_processors_that_do_not_fit(tmp_path):
         data[0]
     with pytest.raises(ValueError, match="expected Qwen2_5_VLForConditionalGeneration"):
         data.adapter.parts(cli.tiny_qwen("qwen3_vl", vision_depth=1, text_layers=1)[0])
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_cli_end_to_end(tmp_path, capsys):
+    model, proc = tiny(seed=2, text_layers=2, vision_depth=2)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)  # the model, its tokenizer and image processor, as a checkpoint holds them
+    proc.tokenizer.save_pretrained(ckpt)
+    proc.image_processor.save_pretrained(ckpt)
+    data = synthetic(str(tmp_path), 9, 11, "rows.jsonl")
+    with open(data, "a") as f:  # line 10: its box lies outside the image
+        f.write(json.dumps({"question": "where is the red one ?", "answer": "top left", "image": "img/11_0.png",
+                            "width": 224, "height": 224, "bboxs": [[100, 100, 300, 120]]}) + "\n")
+    out = tmp_path / "out"
+    args = ["glimpse-train", "--model", str(ckpt), "--data", data, "--images", str(tmp_path), "--out", str(out),
+            "--steps", "3", "--batch-size", "3", "--grad-accum", "1", "--lr", "1e-3", "--device", "cpu",
+            "--max-bad-fraction", "0.2", "--save-every", "2", "--eval-samples", "4"]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert "line 10:" in captured.err and "outside the" in captured.err
+    assert "(qwen2_5_vl)" in captured.err and "9 training samples (10 rows read, 1 skipped)" in captured.err
+    assert "evaluation on 4 rows" in captured.out and "dice" in captured.out and "kept ratio" in captured.out
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-3").is_dir()
+    head = GlimpseHead.from_pretrained(out)
+    assert head.reduce_layer == 1 and head.use_attention_logits  # round(2/3 of 2 layers); Qwen: raw logits
+    assert head.config["model_type"] == "qwen2_5_vl"
