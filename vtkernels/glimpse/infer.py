@@ -418,32 +418,18 @@ class GlimpseHandle(ModelWrapper):
 
     def _decide(self, A: Tensor, conds: List[Tensor], dims) -> Tensor:
         """The VIP and the keep rule per image: A [U, Hq] and conditions [U, C] over the call's
-        images (in order), dims their grids. Images of one grid size go through the VIP together.
-        Returns keep [U] bool."""
-        sizes = [r * c for r, c in dims]
-        offsets = [0]
-        for n in sizes:
-            offsets.append(offsets[-1] + n)
-        groups: dict = {}
-        for i, d in enumerate(dims):
-            groups.setdefault(d, []).append(i)
-        keep = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
-        for (r, c), members in groups.items():
-            n = r * c
-            if len(members) == len(dims):  # one size (LLaVA; Qwen with equal images): no gather
-                rows = None
-                a, cs = A.view(len(members), n, -1), [x.view(len(members), n, -1) for x in conds]
-            else:
-                rows = torch.cat([torch.arange(offsets[i], offsets[i] + n) for i in members]).to(A.device)
-                a = A[rows].view(len(members), n, -1)
-                cs = [x[rows.to(x.device)].view(len(members), n, -1) for x in conds]
-            logits = self.head.predict(a, cs, (r, c))
-            k = keep_mask(logits, self.threshold, self.min_keep, self.max_ratio).reshape(-1)
-            if rows is None:
-                keep = k
-            else:
-                keep[rows] = k
-        return keep
+        images (in order), dims their grids (``GlimpseHead.predict_images``: images of one grid
+        go through the VIP together). Returns keep [U] bool."""
+        logits = self.head.predict_images(A, conds, dims)
+        by_size: dict = {}
+        for i, lg in enumerate(logits):
+            by_size.setdefault(lg.numel(), []).append(i)
+        keep: List[Optional[Tensor]] = [None] * len(logits)
+        for members in by_size.values():  # one keep_mask per image size (LLaVA: one for the batch)
+            k = keep_mask(torch.stack([logits[i] for i in members]), self.threshold, self.min_keep, self.max_ratio)
+            for j, i in enumerate(members):
+                keep[i] = k[j]
+        return torch.cat(keep)
 
     def _prefill(self, input_ids: Tensor, images: dict, attention_mask: Optional[Tensor],
                  position_ids: Optional[Tensor], cache, use_cache: bool):
