@@ -27,7 +27,7 @@ from vtkernels.glimpse import (BadDataError, GlimpseDataset, GlimpseHead, apply_
                                train)
 from vtkernels.glimpse.adapters import adapter_for, llava_box_mask, llava_geometry
 from vtkernels.glimpse.data import box_grid_mask
-from vtkernels.glimpse.train import STATE_FILE, latest_checkpoint
+from vtkernels.glimpse.train import STATE_FILE, latest_checkpoint, vip_losses
 
 COLOURS = {"red": (215, 35, 35), "green": (35, 190, 50), "blue": (40, 70, 225), "yellow": (230, 215, 40)}
 # Square and not: the processor resizes the short side to 112 and centre-crops, so boxes near
@@ -607,6 +607,12 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert len(json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["history"]) == 3
     head = GlimpseHead.from_pretrained(out)
     assert head.reduce_layer == 1  # round(2/3 of 2 layers)
+    # --gradient-checkpointing: the same run, the same head (recomputation changes memory only).
+    out2 = tmp_path / "out-ckpt"
+    assert cli.main([str(out2) if a == str(out) else a for a in args] + ["--gradient-checkpointing"]) == 0
+    capsys.readouterr()
+    for a, b in zip(head.state_dict().values(), GlimpseHead.from_pretrained(out2).state_dict().values()):
+        assert_close(b, a, atol=1e-6, rtol=1e-5)
     # Resuming the finished run from its folder: nothing left to train, the same head; evaluated
     # on held-out rows this time.
     held = write_synthetic(str(tmp_path), 3, 12, "held.jsonl")
@@ -628,3 +634,31 @@ def test_cli_help():
                 "--grad-accum", "--max-samples", "--seed", "--resume", "--device", "--max-bad-fraction"):
         assert opt in res.stdout
     assert "bboxs" in res.stdout and "Qwen2.5-VL" in res.stdout and "not yet" not in res.stdout
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(f64):
+    """Recomputing each layer in the backward (train(gradient_checkpointing=True)) changes memory,
+    not the result: the same losses and head gradients, dropout included (its masks are drawn
+    before the layers run)."""
+    model, proc, data = f64
+    batch = data.collate([data[i] for i in range(3)])
+    grads = []
+    layer0 = model.model.language_model.layers[0]
+    for ckpt in (False, True):
+        head = make_head(model, seed=7).double()
+        gen = torch.Generator().manual_seed(5)
+        runs = []
+        hook = layer0.register_forward_pre_hook(lambda *_: runs.append(1))  # recomputation may stop early
+        try:
+            logits, lm = data.adapter.forward(model, head, batch, dropout=0.1, generator=gen, checkpointing=ckpt)
+            dice, bce = vip_losses(logits, batch["box_mask"])
+            (dice + 0.1 * bce + lm).backward()
+        finally:
+            hook.remove()
+        assert len(runs) == (2 if ckpt else 1)  # recomputed in the backward under checkpointing
+        grads.append((float(lm.detach()), {n: p.grad.clone() for n, p in head.named_parameters()}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-12)
+    assert set(grads[0][1]) == set(grads[1][1])
+    for n, g in grads[0][1].items():
+        assert_close(grads[1][1][n], g, atol=1e-12, rtol=1e-10)
+    assert any(float(g.abs().sum()) > 0 for n, g in grads[0][1].items() if n.startswith("learnable"))

@@ -551,3 +551,20 @@ def test_cli_end_to_end(tmp_path, capsys):
     head = GlimpseHead.from_pretrained(out)
     assert head.reduce_layer == 1 and head.use_attention_logits  # round(2/3 of 2 layers); Qwen: raw logits
     assert head.config["model_type"] == "qwen2_5_vl"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(f64):
+    # The shared core recomputes each layer under checkpointing; Qwen's layers take M-RoPE
+    # position embeddings: the same losses and head gradients either way, on mixed image sizes.
+    model, proc, data = f64
+    batch = data.collate([data[i] for i in range(3)])
+    grads = []
+    for ckpt in (False, True):
+        head = make_head(model, seed=7).double()
+        logits, lm = data.adapter.forward(model, head, batch, dropout=0.1, generator=torch.Generator().manual_seed(5),
+                                          checkpointing=ckpt)
+        dice, bce = vip_losses(logits, batch["box_mask"], batch.get("box_valid"))
+        (dice + 0.1 * bce + lm).backward()
+        grads.append({n: p.grad.clone() for n, p in head.named_parameters()})
+    for n, g in grads[0].items():
+        assert_close(grads[1][n], g, atol=1e-12, rtol=1e-10)

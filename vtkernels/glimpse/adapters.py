@@ -192,10 +192,12 @@ def _pad_id(tokenizer) -> int:
 
 
 def _glimpse_layers(p, head, emb: Tensor, gidx: Tensor, layer_kw: dict, dropout: float,
-                    generator: Optional[torch.Generator], training: bool):
+                    generator: Optional[torch.Generator], training: bool, checkpointing: bool = False):
     """Every decoder layer on ``emb`` with the glimpse at ``gidx`` (input g(0), g(l) added before
     layer l >= 1, dropout on g per sample and layer). Returns (final hidden states, layer K's
-    q_proj and k_proj outputs)."""
+    q_proj and k_proj outputs). ``checkpointing``: each layer's activations are recomputed in the
+    backward instead of kept (torch.utils.checkpoint, non-reentrant); the dropout masks are drawn
+    before, so the recomputation is exact and the gradients are the same."""
     device = emb.device
     B, S, H = emb.shape
     bidx = torch.arange(B, device=device)
@@ -212,11 +214,18 @@ def _glimpse_layers(p, head, emb: Tensor, gidx: Tensor, layer_kw: dict, dropout:
     hooks = [attn.q_proj.register_forward_hook(lambda _m, _a, out: got.__setitem__("q", out)),
              attn.k_proj.register_forward_hook(lambda _m, _a, out: got.__setitem__("k", out))]
     kw = {**layer_kw, p.cache_kw: None, "use_cache": False}
+    def run(layer, x):
+        return _output(layer(x, **kw))
+
     try:
         for l, layer in enumerate(p.layers):
             if l > 0:
                 h = h.index_put((bidx, gidx), h[bidx, gidx] + g[:, l])
-            h = _output(layer(h, **kw))
+            if checkpointing and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+                h = checkpoint(run, layer, h, use_reentrant=False)
+            else:
+                h = run(layer, h)
     finally:
         for hk in hooks:
             hk.remove()
@@ -326,7 +335,7 @@ class _TrainAdapter:
         return self._parts
 
     def forward(self, model, head, batch: dict, dropout: float = 0.1, generator: Optional[torch.Generator] = None,
-                training: bool = True) -> Tuple[Tensor, Tensor]:
+                training: bool = True, checkpointing: bool = False) -> Tuple[Tensor, Tensor]:
         """(VIP logits [B, N] float32, mean LM cross-entropy over the answer tokens).
 
         ALGORITHMS.md step 7: no pruning; the glimpse (input g(0), g(l) added before layer l >= 1,
@@ -348,7 +357,8 @@ class _TrainAdapter:
         pos, pe, mask_pos = self._positions(p, batch, emb)
         causal = create_causal_mask(p.lm.config, emb, mask, None, mask_pos)
         h, q, k = _glimpse_layers(p, head, emb, gidx, {"attention_mask": causal, "position_ids": pos,
-                                                       "position_embeddings": pe}, dropout, generator, training)
+                                                       "position_embeddings": pe}, dropout, generator, training,
+                                  checkpointing)
         row = _glimpse_row(p, head, q, k, pe, gidx, mask)
         logits = self._vip(head, row.transpose(1, 2)[is_img], conds, grids)
         return logits, _answer_loss(p, h, batch["labels"])

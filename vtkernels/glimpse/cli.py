@@ -47,6 +47,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     a("--max-bad-fraction", type=float, default=0.1,
       help="fail when more than this fraction of the rows read is bad (default 0.1)")
     a("--save-every", type=int, default=None, help="checkpoint every N steps (default: only at the end)")
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute each LLM layer's activations in the backward instead of keeping them: less GPU memory "
+           "for about one more forward per step, the same gradients")
     a("--reduce-layer", type=int, default=None,
       help="K, the layer after which the glimpse decides (default: the published one, else 2/3 of the depth)")
     a("--eval-data", default=None,
@@ -97,7 +100,8 @@ def glimpse_train(args) -> int:
     try:
         result = train(model, head, data, steps=args.steps, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, out=args.out,
-                       save_every=args.save_every, resume=args.resume)
+                       save_every=args.save_every, resume=args.resume,
+                       gradient_checkpointing=args.gradient_checkpointing)
     except ValueError as e:
         raise SystemExit(f"vtk glimpse-train: {e}")
     last = result.history[-1] if result.history else None

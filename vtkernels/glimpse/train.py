@@ -190,8 +190,8 @@ def train(model, head: GlimpseHead, data, *, steps: Optional[int] = None, epochs
           lr: float = 1e-4, batch_size: int = 1, grad_accum: int = 1, warmup_ratio: float = 0.1,
           weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0, glimpse_dropout: float = 0.1,
           seed: int = 0, out=None, save_every: Optional[int] = None, keep_last: Optional[int] = 2,
-          resume=None, bf16: Optional[bool] = None, progress: bool = True, stream: Optional[IO[str]] = None,
-          processor=None, images=None, **data_options) -> TrainResult:
+          resume=None, bf16: Optional[bool] = None, gradient_checkpointing: bool = False, progress: bool = True,
+          stream: Optional[IO[str]] = None, processor=None, images=None, **data_options) -> TrainResult:
     """Trains ``head`` for ``model`` (frozen) on ``data``; returns a TrainResult.
 
     data: a GlimpseDataset, or a .jsonl path / list of rows with ``processor=`` and ``images=``
@@ -199,7 +199,9 @@ def train(model, head: GlimpseHead, data, *, steps: Optional[int] = None, epochs
     (default 1): ceil(epochs * len(data) / (batch_size * grad_accum)) steps. lr: AdamW's peak,
     reached after ``warmup_ratio`` of the steps, then cosine to 0. Each optimizer step sums
     ``grad_accum`` micro-batches of ``batch_size`` samples. bf16: autocast to bfloat16 (default:
-    on CUDA; the CPU computes in the model's dtype). progress: a bar with the losses on ``stream``
+    on CUDA; the CPU computes in the model's dtype). gradient_checkpointing: recompute each LLM
+    layer's activations in the backward instead of keeping them (less memory, about one more
+    forward of time; the same gradients). progress: a bar with the losses on ``stream``
     (default sys.stderr). out: where checkpoints go (every
     ``save_every`` steps and at the end; only the newest ``keep_last`` are kept) and the final
     head. resume: a checkpoint folder, or an ``out`` folder (its newest checkpoint): the run
@@ -276,7 +278,8 @@ def train(model, head: GlimpseHead, data, *, steps: Optional[int] = None, epochs
                 items = [data[order[c]] for c in range(first, first + batch_size)]
                 batch = _to(data.collate(items), device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits, lm = adapter.forward(model, head, batch, dropout=glimpse_dropout, generator=gen)
+                    logits, lm = adapter.forward(model, head, batch, dropout=glimpse_dropout, generator=gen,
+                                                 checkpointing=gradient_checkpointing)
                 dice, bce = vip_losses(logits.float(), batch["box_mask"], batch.get("box_valid"))
                 loss = dice + BCE_WEIGHT * bce + lm
                 (loss / grad_accum).backward()
