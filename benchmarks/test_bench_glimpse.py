@@ -113,3 +113,83 @@ def test_glimpse_logits(benchmark, record, device, real_sizes, impl, model, batc
     record(run, device, op="glimpse_logits", impl=impl, model=model, B=B, Hq=Hq, Hkv=Hkv, L=L, D=D,
            dtype=str(dtype), bytes_moved=k.numel() * k.element_size())
     benchmark(run)
+
+
+# --- the glimpse's own cost against the pruned prefill it buys ---------------------------------
+#
+# ISSUE target (GPU): the glimpse's own work (its row of logits, the VIP, the cache gather) under 3%
+# of the pruned prefill of LLaVA-1.5-7B. A 7B model does not fit a small machine, so the prefill is
+# measured part by part at the 7B shapes (random weights): one Llama decoder layer on the full
+# sequence (S1 = 8 + 576 + 32 text/image tokens + the glimpse; it runs K + 1 = 22 times) and on the
+# pruned one (S2 = 40 text + 58 kept = 10%; L - K - 1 = 10 times), the VIP on one 24 x 24 image
+# (conditions 1024 wide), the glimpse row and the gather of 2 (K + 1) cache tensors + the hidden
+# states to the S2 kept tokens. `count` in each record says how often the part runs per prefill;
+# the overhead is (vip + row + gather) / (sum of count x median over the parts, the tower aside).
+# Smoke mode: the same parts at toy sizes, one run each.
+
+OVERHEAD_PARTS = ["layer_full", "layer_pruned", "vip", "row", "gather"]
+
+
+def _overhead_sizes(real):
+    if real:
+        from vtkernels.flops import llava_1_5_7b_config
+        return llava_1_5_7b_config(), 576, 40, 58, 21
+    from vtkernels.cli import tiny_llava
+    model, _ = tiny_llava("llava", image_size=112, patch_size=14, vision_hidden=32, vision_layers=4, text_hidden=64,
+                          text_layers=4)
+    return model.config, 64, 10, 6, 2
+
+
+@pytest.mark.parametrize("part", OVERHEAD_PARTS)
+def test_glimpse_overhead(benchmark, record, device, real_sizes, part):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from vtkernels.glimpse import GlimpseHead
+    cfg, N, n_text, kept, K = _overhead_sizes(real_sizes)
+    tc = cfg.text_config
+    tc._attn_implementation = "sdpa"
+    L, H, Hq = tc.num_hidden_layers, tc.hidden_size, tc.num_attention_heads
+    D = H // Hq
+    S1, S2 = n_text + N + 1, n_text + kept
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(2)
+    torch.manual_seed(0)
+    count = {"layer_full": K + 1, "layer_pruned": L - K - 1, "vip": 1, "row": 1, "gather": 1}[part]
+    if part.startswith("layer"):
+        S = S1 if part == "layer_full" else S2
+        with torch.device(device):
+            layer = LlamaDecoderLayer(tc, 0).to(dtype).eval()
+            rope = LlamaRotaryEmbedding(tc)
+        x = torch.randn(1, S, H, generator=g).to(device, dtype)
+        pe = rope(x, torch.arange(S, device=device)[None])
+        fn = lambda: layer(x, attention_mask=None, position_embeddings=pe)  # noqa: E731 (causal SDPA)
+        sizes = dict(S=S)
+    elif part == "vip":
+        head = GlimpseHead.for_model(cfg, reduce_layer=K).to(device, dtype).eval()
+        side = int(N ** 0.5)
+        A = torch.randn(1, N, Hq, generator=g).to(device, dtype)
+        conds = [torch.randn(1, N, cfg.vision_config.hidden_size, generator=g).to(device, dtype) for _ in range(4)]
+        fn = lambda: head.predict(A, conds, (side, side))  # noqa: E731
+        sizes = dict(N=N)
+    elif part == "row":
+        q = torch.randn(1, Hq, D, generator=g).to(device, dtype)
+        k = torch.randn(1, tc.num_key_value_heads, S1, D, generator=g).to(device, dtype)
+        mask = torch.ones(1, S1, dtype=torch.bool, device=device)
+        fn = lambda: ops.glimpse_logits(q, k, None, mask, True)  # noqa: E731
+        sizes = dict(S=S1)
+    else:
+        tensors = [torch.randn(1, S1, H, generator=g).to(device, dtype)] + [
+            torch.randn(1, tc.num_key_value_heads, S1, D, generator=g).to(device, dtype) for _ in range(2 * (K + 1))]
+        index = torch.randperm(S1, generator=g)[:S2].sort().values[None].to(device)
+        fn = lambda: ops.gather_cache(tensors, index)  # noqa: E731
+        sizes = dict(S=S1, M=S2, tensors=len(tensors))
+    with torch.inference_mode():
+        fn()
+
+        def run():
+            fn()
+            sync(device)
+
+        record(run, device, op="glimpse_overhead", part=part, count=count, model="llava15-7b" if real_sizes else "tiny",
+               K=K, L=L, dtype=str(dtype), **sizes)
+        benchmark(run)
