@@ -165,6 +165,33 @@ def targets(cases):
                      "pass" if share < 0.03 else "FAIL"))
     else:
         rows.append((name, "", "not measured"))
+    rows += glimpse_targets(cases, bw)
+    return rows
+
+
+def glimpse_targets(cases, bw):
+    """Issue 9 (GlimpsePrune): gather_cache within 2x of the DRAM floor (7B cache, 32 KV heads, 70
+    kept); the glimpse's own cost (VIP + row + gather) under 3% of the pruned prefill of
+    LLaVA-1.5-7B, from the part-by-part cases of test_glimpse_overhead (each x its count)."""
+    rows = []
+    c = _find(cases, op="gather_cache", impl="vtk", kv_heads=32, M=70)
+    name = "`gather_cache` (7B cache, 44 tensors, 70 kept) within 2x of the DRAM floor"
+    if c and bw and c.get("bytes_moved"):
+        ratio = c["median_s"] / (c["bytes_moved"] / bw)
+        rows.append((name, f"{ratio:.2f}x the floor ({ms(c['median_s'])}, {c['bytes_moved'] / 2**20:.1f} MiB)",
+                     "pass" if ratio <= 2 else "FAIL"))
+    else:
+        rows.append((name, "", "not measured"))
+    parts = {p: _find(cases, op="glimpse_overhead", part=p, model="llava15-7b")
+             for p in ("layer_full", "layer_pruned", "vip", "row", "gather")}
+    name = "the glimpse's own cost (VIP + row + gather) < 3% of the pruned LLaVA-1.5-7B prefill (language model)"
+    if all(parts.values()):
+        own = sum(parts[p]["median_s"] for p in ("vip", "row", "gather"))
+        llm = sum(parts[p]["median_s"] * parts[p]["count"] for p in ("layer_full", "layer_pruned"))
+        share = own / (own + llm)
+        rows.append((name, f"{share * 100:.2f}% ({ms(own)} of {ms(own + llm)})", "pass" if share < 0.03 else "FAIL"))
+    else:
+        rows.append((name, "", "not measured"))
     return rows
 
 
