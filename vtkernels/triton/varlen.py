@@ -102,16 +102,6 @@ def _load_rows(ptr, s_row, s_col, rows, rmask, c, cmask, ACC: tl.constexpr, WIDE
 
 
 @triton.jit
-def _load_cols(ptr, s_row, s_col, rows, rmask, c, cmask, ACC: tl.constexpr, WIDEN: tl.constexpr):
-    """Transposed tile [len(c), len(rows)] of a [S, C] tensor (zeros outside the masks)."""
-    t = tl.load(ptr + c[:, None].to(tl.int64) * s_col + rows[None, :].to(tl.int64) * s_row,
-                mask=cmask[:, None] & rmask[None, :], other=0.0)
-    if WIDEN:
-        t = _widen(t, ACC)
-    return t
-
-
-@triton.jit
 def _qk_chunked(q_ptr, q_ss, q_sc, k_ptr, k_ss, k_sc, rows, rmask, cols, cmask, c0, DH,
                 ACC: tl.constexpr, WIDEN: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -121,7 +111,8 @@ def _qk_chunked(q_ptr, q_ss, q_sc, k_ptr, k_ss, k_sc, rows, rmask, cols, cmask, 
         d = d0 + tl.arange(0, BLOCK_D)
         dmask = d < DH
         qt = _load_rows(q_ptr, q_ss, q_sc, rows, rmask, c0 + d, dmask, ACC, WIDEN)
-        kt = _load_cols(k_ptr, k_ss, k_sc, cols, cmask, c0 + d, dmask, ACC, WIDEN)
+        # The transposed tile [channels, keys]: the same load with the roles of the strides swapped.
+        kt = _load_rows(k_ptr, k_sc, k_ss, c0 + d, dmask, cols, cmask, ACC, WIDEN)
         # "ieee": float32 inputs must not drop to TF32 (the reference is full float32).
         acc += tl.dot(qt, kt, input_precision="ieee", out_dtype=ACC)
     return acc
