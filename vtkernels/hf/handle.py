@@ -82,8 +82,9 @@ def adapter_for(model) -> Adapter:
 _MISSING = object()
 
 
-def _bind(sig: inspect.Signature, args, kwargs) -> dict:
-    """The call's arguments by name, the **kwargs part merged in, defaults left out."""
+def bind_call(sig: inspect.Signature, args, kwargs) -> dict:
+    """The call's arguments by name, the **kwargs part merged in, defaults left out (also used by
+    the method providers: vtkernels.glimpse)."""
     bound = sig.bind_partial(*args, **kwargs).arguments
     for name, p in sig.parameters.items():
         if p.kind is p.VAR_KEYWORD:
@@ -91,11 +92,6 @@ def _bind(sig: inspect.Signature, args, kwargs) -> dict:
         elif p.kind is p.VAR_POSITIONAL and bound.pop(name, ()):
             raise TypeError(f"unexpected positional arguments for {name}")
     return bound
-
-
-def bind_call(sig: inspect.Signature, args, kwargs) -> dict:
-    """Public name of ``_bind`` for the method providers (vtkernels.glimpse)."""
-    return _bind(sig, args, kwargs)
 
 
 class ModelWrapper:
@@ -224,7 +220,7 @@ class PruningHandle(ModelWrapper):
 
         @functools.wraps(orig_forward)
         def forward(*args, **kwargs):
-            bound = _bind(fsig, args, kwargs)
+            bound = bind_call(fsig, args, kwargs)
             if not adapter.has_images(bound):
                 return orig_forward(*args, **kwargs)
             input_ids = bound.pop("input_ids", None)
@@ -244,7 +240,7 @@ class PruningHandle(ModelWrapper):
 
         @functools.wraps(orig_generate)
         def generate(*args, **kwargs):
-            call = _bind(gsig, args, kwargs)
+            call = bind_call(gsig, args, kwargs)
             input_ids = call.pop("input_ids", None)
             inputs = call.pop("inputs", None)
             input_ids = inputs if input_ids is None else input_ids
