@@ -53,6 +53,7 @@ from .. import ops
 from .. import reference
 from ..hf.handle import ModelWrapper, bind_call
 from .head import GlimpseHead, check_options
+from . import qwen as _qwen
 from .qwen import check_decoder
 
 __all__ = ["GlimpseHandle", "apply_glimpse", "keep_mask"]
@@ -271,9 +272,7 @@ class _Qwen:
     rows = 3
 
     def __init__(self, model):
-        from . import qwen
-        self._qwen = qwen
-        p = qwen.inspect_qwen(model)
+        p = _qwen.inspect_qwen(model)
         self.model, self.parts = model, p
         self.lm, self.layers, self.cache_kw, self.embed = p.lm, p.layers, p.cache_kw, p.embed
         self.lm_head, self.image_token_id, self.num_heads = p.lm_head, p.image_token_id, p.num_heads
@@ -294,8 +293,8 @@ class _Qwen:
     def vision(self, head: GlimpseHead, images: dict):
         p = self.parts
         grid = images["image_grid_thw"]
-        dims = self._qwen.image_dims(grid, p.merge)
-        feats, conds = self._qwen.run_tower(p, images["pixel_values"], grid, head.selected_visual_layers)
+        dims = _qwen.image_dims(grid, p.merge)
+        feats, conds = _qwen.run_tower(p, images["pixel_values"], grid, head.selected_visual_layers)
         if feats.shape[0] != sum(r * c for r, c in dims):
             raise RuntimeError(f"the merger returned {feats.shape[0]} tokens for {sum(r * c for r, c in dims)} "
                                "merge units")
@@ -317,7 +316,7 @@ class _Qwen:
         if have != need:
             raise ValueError(f"input_ids hold {have} image tokens but the {grid.shape[0]} images need {need} "
                              "(one <|image_pad|> per merge unit)")
-        return self._qwen.rope_positions(self.parts, input_ids, mask, images["image_grid_thw"].to(input_ids.device),
+        return _qwen.rope_positions(self.parts, input_ids, mask, images["image_grid_thw"].to(input_ids.device),
                                          images["mm_token_type_ids"])
 
     def rotary(self, h: Tensor, pos: Tensor):
